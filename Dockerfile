@@ -1,0 +1,35 @@
+# teisup on TEI's gRPC images: text-embeddings-router is the backend there.
+# TEI_TAG picks the variant:
+#   1.8.3-grpc      multi-arch CUDA (default)
+#   89-1.8.3-grpc   Ada (RTX 40xx, L4, L40, L40S)
+#   hopper-1.8-grpc Hopper (H100, H200)
+#   cpu-1.8.3-grpc  CPU hosts
+ARG TEI_TAG=1.8.3-grpc
+FROM ghcr.io/huggingface/text-embeddings-inference:${TEI_TAG}
+
+# The CUDA images are Ubuntu 22.04 (python3 is 3.10) and the CPU image is
+# Debian 12: both ship python3.11 under that name. Versions follow the base
+# image's distribution, which differs per variant, so they are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/teisup/src
+COPY pyproject.toml README.md ./
+COPY teisup ./teisup
+RUN python3.11 -m venv /opt/teisup/venv \
+    && /opt/teisup/venv/bin/pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --create-home --home-dir /data teisup
+
+ENV PATH=/opt/teisup/venv/bin:$PATH \
+    TEI_BINARY_PATH=/usr/local/bin/text-embeddings-router \
+    TEI_MANAGER_STATE_FILE=/data/state.toml \
+    HUGGINGFACE_HUB_CACHE=/data/hub
+
+USER 10001
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 9000 9001
+ENTRYPOINT ["teisup"]
+CMD ["serve"]
