@@ -8,7 +8,8 @@ list for the current state is a bug in the caller and raises
 The usual path is ``STOPPED -START-> STARTING -STARTED-> RUNNING``. A child
 that exits by itself goes to ``BACKOFF`` (a restart is scheduled), ``STOPPED``
 (its restart type says the exit is final) or ``FAILED`` (its own intensity is
-exceeded). A child the supervisor stops passes through ``STOPPING``.
+exceeded). A child the supervisor stops passes through ``STOPPING``. A worker
+that checks its own health moves between ``RUNNING`` and ``UNHEALTHY``.
 ``STOPPED`` and ``FAILED`` are at rest; ``START`` leaves both. ``SCHEDULE``
 puts a stopped sibling into ``BACKOFF`` when its group is restarted.
 """
@@ -30,6 +31,8 @@ class ChildState(enum.Enum):
     STARTING = "starting"
     #: Ready.
     RUNNING = "running"
+    #: Running, but its own health checks fail (reported by the worker).
+    UNHEALTHY = "unhealthy"
     #: Asked to stop; waiting for it within its shutdown spec.
     STOPPING = "stopping"
     #: Exited; a restart is scheduled.
@@ -52,6 +55,9 @@ class Trigger(enum.Enum):
     #: A stopped sibling joins its group's pending restart.
     SCHEDULE = "schedule"
     GAVE_UP = "gave_up"
+    #: The worker reports failing health checks, or recovery from them.
+    DEGRADED = "degraded"
+    RECOVERED = "recovered"
 
 
 S, T = ChildState, Trigger
@@ -71,6 +77,14 @@ TRANSITIONS: Mapping[ChildState, Mapping[Trigger, ChildState]] = {
         T.EXITED: S.STOPPED,
         T.RESTARTING: S.BACKOFF,
         T.GAVE_UP: S.FAILED,
+        T.DEGRADED: S.UNHEALTHY,
+    },
+    S.UNHEALTHY: {
+        T.STOP: S.STOPPING,
+        T.EXITED: S.STOPPED,
+        T.RESTARTING: S.BACKOFF,
+        T.GAVE_UP: S.FAILED,
+        T.RECOVERED: S.RUNNING,
     },
     S.STOPPING: {T.TERMINATED: S.STOPPED},
     S.BACKOFF: {T.START: S.STARTING, T.STOP: S.STOPPED, T.SCHEDULE: S.BACKOFF},
@@ -80,7 +94,9 @@ TRANSITIONS: Mapping[ChildState, Mapping[Trigger, ChildState]] = {
 del S, T
 
 #: States in which the child's task exists.
-ACTIVE_STATES = frozenset({ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING})
+ACTIVE_STATES = frozenset(
+    {ChildState.STARTING, ChildState.RUNNING, ChildState.UNHEALTHY, ChildState.STOPPING}
+)
 
 
 class InvalidTransition(RuntimeError):

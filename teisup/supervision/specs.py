@@ -80,6 +80,13 @@ class ChildSpec:
     runs as a sub-tree. ``shutdown`` defaults to 5 s for workers and
     ``"infinity"`` for supervisors, as in OTP. ``intensity`` is the child's own
     give-up limit (None: only the supervisor's intensity applies).
+
+    ``await_ready`` (default True) is OTP's synchronous start: the supervisor
+    waits for the worker's ``ctx.started()`` before it starts the next child or
+    answers `Supervisor.start_child`. With False it goes on as soon as the task
+    is spawned; the child stays ``starting`` until it reports ready, and an exit
+    before that is an ordinary exit under its restart policy. Children that
+    take minutes to become ready (a model loading) use False.
     """
 
     id: str
@@ -88,6 +95,7 @@ class ChildSpec:
     shutdown: ShutdownSpec | None = None
     backoff: Backoff = field(default_factory=Backoff)
     intensity: Intensity | None = None
+    await_ready: bool = True
 
     def __post_init__(self) -> None:
         validate_id(self.id)

@@ -2,16 +2,22 @@
 
 Theory of operation
 -------------------
-A `Supervisor` owns one nursery. Each run of each child is one task in it,
-wrapped in a cancel scope of its own (a `_Run`). The task never decides
-anything: when the child exits it records the `ExitReason` and posts it to the
-supervisor's inbox.
+A `Supervisor` owns one nursery and one main-loop task. Each run of each child
+is one more task in the nursery, wrapped in a cancel scope of its own (a
+`_Run`). Those tasks never decide anything: they post what happened (the child
+reported ready, reported its health, exited) to the supervisor's inbox.
 
-Every decision and every state change happens with the supervisor's lock held,
-either in the main loop (exits, due restarts, the stop request) or in a public
-method (`start_child`, `terminate_child`, ...). So decisions are serial, as in
-OTP's single supervisor process, and the tasks that only report exits never
-take the lock: a lock holder waiting for a child to finish cannot deadlock.
+**Only the main loop changes state.** Public methods (`start_child`,
+`terminate_child`, ...) post a `_Call` to the same inbox and wait for its
+answer, so every decision is serial, as in OTP's single supervisor process, and
+a caller that is cancelled only stops waiting: the operation itself completes,
+and no child is left half-stopped or half-started. When the loop ends, calls
+still queued are answered with `SupervisorNotRunning`.
+
+The loop does block while it starts a child that must report ready
+(``await_ready``) or stops one within its shutdown spec; other events queue
+meanwhile. That is OTP's behaviour too, and the reason slow starters use
+``await_ready=False``.
 
 Stopping a child follows its shutdown spec: ``brutal_kill`` cancels its scope;
 a number of seconds sets its stop request (`ChildContext.wait_stop_requested`),
@@ -30,9 +36,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -76,6 +82,9 @@ logger = logging.getLogger("teisup.supervision")
 DEFAULT_INTENSITY = Intensity(max_restarts=3, period=5.0)
 
 
+T = TypeVar("T")
+
+
 class _Run:
     """One run of one child: its task's scope and the events around it."""
 
@@ -84,8 +93,9 @@ class _Run:
         self.stop_requested = trio.Event()
         self.settled = trio.Event()  # reported ready, or finished
         self.finished = trio.Event()
+        self.task: trio.lowlevel.Task | None = None
         self.ready = False
-        self.stopping = False  # the supervisor is stopping it: exits are not decisions
+        self.stopping = False  # the supervisor is stopping it: its exit is not a decision
         self.killed = False
         self.pid: int | None = None
         self.exit: ExitReason | None = None
@@ -114,6 +124,9 @@ class _Child:
         return self.lifecycle.state
 
 
+# Messages to the main loop.
+
+
 @dataclass(slots=True)
 class _Exited:
     child: _Child
@@ -122,23 +135,62 @@ class _Exited:
 
 
 @dataclass(slots=True)
+class _Ready:
+    child: _Child
+    run: _Run
+
+
+@dataclass(slots=True)
+class _Health:
+    child: _Child
+    run: _Run
+    healthy: bool
+    reason: str
+
+
+@dataclass(slots=True)
 class _Wake:
     pass
 
 
-class ChildContext:
-    """What a worker gets each time it starts: its identity and its stop request.
+class _Call(Generic[T]):
+    """A public method's operation, run by the main loop, answered once."""
 
-    A worker must call `started` once it is ready; the supervisor starts the
-    next child only then (OTP's synchronous start). It should watch
-    `wait_stop_requested` and return promptly when it fires; if it does not
-    return within its shutdown spec it is cancelled.
+    def __init__(self, op: Callable[[], Awaitable[T]], caller: trio.lowlevel.Task) -> None:
+        self.op = op
+        self.caller = caller
+        self.done = trio.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def answer(self, value: T | None = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.value, self.error = value, error
+            self.done.set()
+
+
+_Message = _Exited | _Ready | _Health | _Wake | _Call[Any]
+
+
+class ChildContext:
+    """What a worker gets each time it starts: its identity, its stop request,
+    and the calls through which it reports readiness and health.
+
+    A worker calls `started` once it is ready. With the spec's ``await_ready``
+    (the default) the supervisor waits for that before it goes on, so such a
+    worker must not call its own supervisor's methods before `started`: the
+    supervisor would be waiting for it (OTP has the same rule for ``init``).
+    It should watch `wait_stop_requested` and return promptly when it fires; if
+    it does not return within its shutdown spec it is cancelled.
     """
 
-    def __init__(self, path: tuple[str, ...], run: _Run, bus: TransitionBus) -> None:
-        self._path = path
+    def __init__(
+        self, supervisor: Supervisor, child: _Child, run: _Run, path: tuple[str, ...]
+    ) -> None:
+        self._supervisor = supervisor
+        self._child = child
         self._run = run
-        self._bus = bus
+        self._path = path
 
     @property
     def id(self) -> str:
@@ -152,19 +204,30 @@ class ChildContext:
     @property
     def bus(self) -> TransitionBus:
         """The tree's transition bus (sub-supervisors publish to it)."""
-        return self._bus
+        return self._supervisor.events
 
     def started(self, *, pid: int | None = None) -> None:
-        """Report ready (and, for an OS process, its pid). Later calls are ignored."""
+        """Report ready (and, for an OS process, its pid). Only the first call counts."""
+        if self._run.ready or self._run.settled.is_set():
+            return
         if pid is not None:
             self._run.pid = pid
-        if not self._run.ready and not self._run.settled.is_set():
-            self._run.ready = True
-            self._run.settled.set()
+        self._run.ready = True
+        self._run.settled.set()
+        if not self._child.spec.await_ready:
+            self._supervisor._post(_Ready(self._child, self._run))
 
     def report_pid(self, pid: int | None) -> None:
         """Record the OS process this child currently runs, for introspection."""
         self._run.pid = pid
+
+    def report_health(self, healthy: bool, reason: str = "") -> None:
+        """Move a ready child between ``running`` and ``unhealthy``.
+
+        Reporting the state it is already in does nothing; reports before ready
+        are ignored (start-up is the worker's own business).
+        """
+        self._supervisor._post(_Health(self._child, self._run, healthy, reason))
 
     @property
     def stop_requested(self) -> bool:
@@ -180,6 +243,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_RUNNING_PHASES = (SupervisorPhase.STARTING, SupervisorPhase.RUNNING, SupervisorPhase.STOPPING)
+
+
 class Supervisor:
     """An Erlang/OTP-style supervisor of Trio workers and sub-supervisors.
 
@@ -193,13 +259,15 @@ class Supervisor:
 
     ``intensity`` (default: 3 restarts within 5 s) is the supervisor's own
     limit: past it, it stops every child in reverse start order and `run`
-    raises `RestartIntensityExceeded`, which its parent sees as a crash.
-    ``None`` means no limit. ``max_children`` caps the number of children
-    (static and dynamic).
+    raises `RestartIntensityExceeded`. A parent sees that as a ``shutdown``
+    exit of its child, as in OTP: a ``permanent`` parent spec restarts the
+    sub-tree, a ``transient`` one does not. ``None`` means no limit.
+    ``max_children`` caps the number of children (static and dynamic).
 
     A supervisor can run again after it stopped (its parent restarts it that
     way); each run starts from the children given here. Children added with
-    `start_child` are lost then, as in OTP.
+    `start_child` are lost then, as in OTP. Subscribe to the events of a tree
+    on its root: a sub-supervisor publishes on its parent's bus.
     """
 
     def __init__(
@@ -228,13 +296,12 @@ class Supervisor:
         self._bus = self._own_bus
         self._path: tuple[str, ...] = (id,)
         self._phase = SupervisorPhase.IDLE
-        self._lock = trio.StrictFIFOLock()
         self._children: list[_Child] = []
         self._window: RestartWindow | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_requested = False
         self._done = trio.Event()
-        self._inbox_send, self._inbox = trio.open_memory_channel[_Exited | _Wake](math.inf)
+        self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
 
     @staticmethod
     def _check_ids(specs: Sequence[ChildSpec]) -> None:
@@ -263,33 +330,31 @@ class Supervisor:
 
         Raises `SupervisorStartError` if a child fails to start (the ones
         already started are stopped first) and `RestartIntensityExceeded` when
-        the intensity is exceeded.
+        the intensity is exceeded; both unwrapped, never in an exception group.
         """
         await self._serve(None, task_status)
 
     async def stop(self) -> None:
         """Stop every child in reverse start order, then return once `run` has."""
-        if self._phase in (SupervisorPhase.STARTING, SupervisorPhase.RUNNING):
-            self._request_stop()
-        if self._phase is not SupervisorPhase.IDLE:
+        if self._phase in _RUNNING_PHASES:
+            self._stop_requested = True
+            self._post(_Wake())
             await self._done.wait()
         else:
             await trio.lowlevel.checkpoint()
 
     async def wait_stopped(self) -> None:
-        """Return once the current run is over (stopped or failed)."""
-        await self._done.wait()
+        """Return once the supervisor is not running (at once if it never ran)."""
+        if self._phase in _RUNNING_PHASES:
+            await self._done.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
-    def _request_stop(self) -> None:
-        self._stop_requested = True
-        self._inbox_send.send_nowait(_Wake())
+    def _post(self, message: _Message) -> None:
+        self._inbox_send.send_nowait(message)
 
     async def _serve(self, ctx: ChildContext | None, task_status: trio.TaskStatus[None]) -> None:
-        if self._phase in (
-            SupervisorPhase.STARTING,
-            SupervisorPhase.RUNNING,
-            SupervisorPhase.STOPPING,
-        ):
+        if self._phase in _RUNNING_PHASES:
             raise RuntimeError(f"supervisor {self.id!r} is already running")
         if ctx is None:
             self._bus, self._path = self._own_bus, (self.id,)
@@ -299,8 +364,9 @@ class Supervisor:
         self._children = [_Child(spec, period) for spec in self._initial]
         self._window = RestartWindow(self.intensity) if self.intensity else None
         self._stop_requested = False
-        self._done = trio.Event()
-        self._inbox_send, self._inbox = trio.open_memory_channel[_Exited | _Wake](math.inf)
+        if self._done.is_set():
+            self._done = trio.Event()
+        self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
         self._phase = SupervisorPhase.STARTING
         # Errors of our own are raised outside the nursery, so that callers see
         # them as they are rather than wrapped in an exception group.
@@ -309,8 +375,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    async with self._lock:
-                        await self._start_initial_children()
+                    await self._start_initial_children()
                     self._phase = SupervisorPhase.RUNNING
                     if ctx is not None:
                         nursery.start_soon(self._relay_stop_request, ctx)
@@ -325,13 +390,27 @@ class Supervisor:
             self._nursery = None
             self._abandon_all("supervisor cancelled")
             self._phase = SupervisorPhase.FAILED if error else SupervisorPhase.STOPPED
+            self._refuse_pending_calls()
             self._done.set()
         if error is not None:
             raise error
 
     async def _relay_stop_request(self, ctx: ChildContext) -> None:
         await ctx.wait_stop_requested()
-        self._request_stop()
+        self._stop_requested = True
+        self._post(_Wake())
+
+    def _refuse_pending_calls(self) -> None:
+        while True:
+            try:
+                message = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                return
+            if isinstance(message, _Call):
+                message.answer(error=self._not_running())
+
+    def _not_running(self) -> SupervisorNotRunning:
+        return SupervisorNotRunning(f"supervisor {self._name} is {self._phase.value}, not running")
 
     async def _start_initial_children(self) -> None:
         for child in list(self._children):
@@ -352,25 +431,51 @@ class Supervisor:
                 (c.next_restart_at for c in self._children if c.next_restart_at is not None),
                 default=math.inf,
             )
-            message: _Exited | _Wake | None = None
+            message: _Message | None = None
             with trio.move_on_at(due):
                 message = await self._inbox.receive()
-            async with self._lock:
-                if self._stop_requested:
-                    self._phase = SupervisorPhase.STOPPING
-                    await self._stop_all("supervisor stopping")
-                    return
-                if isinstance(message, _Exited):
-                    await self._handle_exit(message)
-                await self._restart_due()
+            if self._stop_requested:
+                self._phase = SupervisorPhase.STOPPING
+                if isinstance(message, _Call):
+                    message.answer(error=self._not_running())
+                await self._stop_all("supervisor stopping")
+                return
+            if isinstance(message, _Call):
+                await self._perform(message)
+            elif isinstance(message, _Exited):
+                await self._handle_exit(message)
+            elif isinstance(message, _Ready):
+                self._handle_ready(message)
+            elif isinstance(message, _Health):
+                self._handle_health(message)
+            await self._restart_due()
+
+    async def _perform(self, call: _Call[Any]) -> None:
+        try:
+            value = await call.op()
+        except Exception as exc:
+            call.answer(error=exc)
+        else:
+            call.answer(value)
+        finally:
+            if not call.done.is_set():
+                # Cancelled from outside mid-operation: the caller must not wait forever.
+                call.answer(error=SupervisorNotRunning(f"supervisor {self._name} was cancelled"))
 
     # -- the public child API ------------------------------------------------------
 
-    def _require_running(self) -> None:
-        if self._phase is not SupervisorPhase.RUNNING or self._stop_requested:
-            raise SupervisorNotRunning(
-                f"supervisor {self._name} is {self._phase.value}, not running"
-            )
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        # Calls made while the static children start (by a child that is ready)
+        # queue up and run once the loop begins.
+        accepting = self._phase in (SupervisorPhase.STARTING, SupervisorPhase.RUNNING)
+        if not accepting or self._stop_requested:
+            raise self._not_running()
+        call: _Call[T] = _Call(op, trio.lowlevel.current_task())
+        self._post(call)
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.value  # type: ignore[return-value]
 
     def _get(self, child_id: str) -> _Child:
         for child in self._children:
@@ -378,50 +483,60 @@ class Supervisor:
                 return child
         raise UnknownChildError(f"supervisor {self._name} has no child {child_id!r}")
 
+    def _get_not_self(self, child_id: str, caller: trio.lowlevel.Task) -> _Child:
+        child = self._get(child_id)
+        if child.run is not None and child.run.task is caller and not child.run.finished.is_set():
+            raise ChildRunningError(
+                f"supervisor {self._name}: child {child_id!r} cannot stop or restart itself "
+                "through its supervisor; return from the worker instead"
+            )
+        return child
+
     async def start_child(self, spec: ChildSpec) -> ChildInfo:
         """Add a child at the end of the start order and start it.
 
         Raises `DuplicateChildError`, `MaxChildrenError`, or `ChildStartError`
         (the spec is then not kept) if it fails before reporting ready.
         """
-        async with self._lock:
-            self._require_running()
-            if any(c.id == spec.id for c in self._children):
-                raise DuplicateChildError(
-                    f"supervisor {self._name} already has a child {spec.id!r}"
+        return await self._call(lambda: self._start_child(spec))
+
+    async def _start_child(self, spec: ChildSpec) -> ChildInfo:
+        if any(c.id == spec.id for c in self._children):
+            raise DuplicateChildError(f"supervisor {self._name} already has a child {spec.id!r}")
+        if self.max_children is not None and len(self._children) >= self.max_children:
+            raise MaxChildrenError(
+                f"supervisor {self._name} already has {len(self._children)} children "
+                f"(max_children={self.max_children}); cannot add {spec.id!r}"
+            )
+        period = self.intensity.period if self.intensity else 5.0
+        child = _Child(spec, period)
+        self._children.append(child)
+        exit = await self._launch(child, "added")
+        if exit is not None:
+            if exit.kind is ExitKind.ABNORMAL:
+                self._settle_exit(child, exit, Trigger.EXITED, f"failed to start: {exit}")
+                self._children.remove(child)
+                raise ChildStartError(
+                    f"supervisor {self._name}: child {spec.id!r} failed to start: {exit}", exit
                 )
-            if self.max_children is not None and len(self._children) >= self.max_children:
-                raise MaxChildrenError(
-                    f"supervisor {self._name} already has {len(self._children)} children "
-                    f"(max_children={self.max_children}); cannot add {spec.id!r}"
-                )
-            period = self.intensity.period if self.intensity else 5.0
-            child = _Child(spec, period)
-            self._children.append(child)
-            exit = await self._launch(child, "added")
-            if exit is not None:
-                if exit.kind is ExitKind.ABNORMAL:
-                    self._settle_exit(child, exit, Trigger.EXITED, f"failed to start: {exit}")
-                    self._children.remove(child)
-                    raise ChildStartError(
-                        f"supervisor {self._name}: child {spec.id!r} failed to start: {exit}",
-                        exit,
-                    )
-                self._post_exit(child, exit)
-            return self._info(child)
+            self._post_exit(child, exit)
+        return self._info(child)
 
     async def terminate_child(self, child_id: str) -> None:
         """Stop a child within its shutdown spec; keep its spec (not a temporary's).
 
         A child waiting in backoff just stops waiting. Stopping a stopped child
-        does nothing.
+        does nothing. A worker cannot terminate itself this way (it returns).
         """
-        async with self._lock:
-            self._require_running()
-            child = self._get(child_id)
+        caller = trio.lowlevel.current_task()
+
+        async def op() -> None:
+            child = self._get_not_self(child_id, caller)
             await self._shutdown(child, "terminated on request")
             if child.spec.restart is RestartType.TEMPORARY:
                 self._children.remove(child)
+
+        await self._call(op)
 
     async def restart_child(self, child_id: str) -> ChildInfo:
         """Start a child again from scratch, stopping it first if it runs.
@@ -431,9 +546,10 @@ class Supervisor:
         `ChildStartError` if it fails before reporting ready; it then stays
         stopped.
         """
-        async with self._lock:
-            self._require_running()
-            child = self._get(child_id)
+        caller = trio.lowlevel.current_task()
+
+        async def op() -> ChildInfo:
+            child = self._get_not_self(child_id, caller)
             await self._shutdown(child, "restart requested")
             child.tracker.reset()
             exit = await self._launch(child, "restart requested")
@@ -447,10 +563,12 @@ class Supervisor:
                 self._post_exit(child, exit)
             return self._info(child)
 
+        return await self._call(op)
+
     async def delete_child(self, child_id: str) -> None:
         """Forget a child that is not running (terminate it first)."""
-        async with self._lock:
-            self._require_running()
+
+        async def op() -> None:
             child = self._get(child_id)
             if child.state not in (ChildState.STOPPED, ChildState.FAILED):
                 raise ChildRunningError(
@@ -458,6 +576,8 @@ class Supervisor:
                     "terminate it before deleting it"
                 )
             self._children.remove(child)
+
+        await self._call(op)
 
     # -- introspection -----------------------------------------------------------
 
@@ -524,7 +644,7 @@ class Supervisor:
             children=sub.snapshot().children if sub else [],
         )
 
-    # -- mechanics (the lock is held) -------------------------------------------
+    # -- mechanics (run by the main loop only) --------------------------------------
 
     @property
     def _name(self) -> str:
@@ -545,17 +665,41 @@ class Supervisor:
     def _post_exit(self, child: _Child, exit: ExitReason) -> None:
         """Queue an exit seen while starting, for the loop to decide on."""
         assert child.run is not None
-        self._inbox_send.send_nowait(_Exited(child, child.run, exit))
+        self._post(_Exited(child, child.run, exit))
+
+    def _is_current(self, child: _Child, run: _Run) -> bool:
+        return child in self._children and child.run is run and not run.stopping
+
+    def _handle_ready(self, message: _Ready) -> None:
+        child = message.child
+        if self._is_current(child, message.run) and child.state is ChildState.STARTING:
+            child.ready_at = trio.current_time()
+            self._fire(child, Trigger.STARTED, "ready")
+
+    def _handle_health(self, message: _Health) -> None:
+        child = message.child
+        if not self._is_current(child, message.run):
+            return
+        if message.healthy and child.state is ChildState.UNHEALTHY:
+            self._fire(child, Trigger.RECOVERED, message.reason or "healthy")
+        elif not message.healthy and child.state is ChildState.RUNNING:
+            self._fire(child, Trigger.DEGRADED, message.reason or "unhealthy")
 
     async def _launch(self, child: _Child, reason: str) -> ExitReason | None:
-        """Start one run of ``child``; None once it is ready, else how it exited."""
+        """Start one run of ``child``.
+
+        Returns None once it is ready (or at once, without ``await_ready``),
+        else how it exited before reporting ready.
+        """
         assert self._nursery is not None
         run = _Run()
         child.run = run
         child.next_restart_at = None
         self._fire(child, Trigger.START, reason)
-        ctx = ChildContext((*self._path, child.id), run, self._bus)
+        ctx = ChildContext(self, child, run, (*self._path, child.id))
         self._nursery.start_soon(self._run_child, child, run, ctx, name=f"child {child.id}")
+        if not child.spec.await_ready:
+            return None
         await run.settled.wait()
         if not run.ready:
             assert run.exit is not None
@@ -565,16 +709,22 @@ class Supervisor:
         return None
 
     async def _run_child(self, child: _Child, run: _Run, ctx: ChildContext) -> None:
+        run.task = trio.lowlevel.current_task()
         exit: ExitReason | None = None
         try:
             with run.scope:
                 target = child.spec.start
                 if isinstance(target, Supervisor):
-                    await target._serve(ctx, trio.TASK_STATUS_IGNORED)
+                    try:
+                        await target._serve(ctx, trio.TASK_STATUS_IGNORED)
+                    except RestartIntensityExceeded as exc:
+                        # OTP: a supervisor that gives up exits with reason shutdown.
+                        exit = ExitReason.shutdown(_describe(exc))
                     result: Any = None
                 else:
                     result = await target(ctx)
-                exit = result if isinstance(result, ExitReason) else ExitReason.normal()
+                if exit is None:
+                    exit = result if isinstance(result, ExitReason) else ExitReason.normal()
             if exit is None:  # our own scope cancelled it: only a stop does that
                 exit = ExitReason.shutdown("killed")
         except Exception as exc:
@@ -585,8 +735,9 @@ class Supervisor:
             run.exit = exit or ExitReason.shutdown("cancelled")
             run.finished.set()
             run.settled.set()
-        if run.ready and not run.stopping:
-            self._inbox_send.send_nowait(_Exited(child, run, run.exit))
+        # Exits before ready under await_ready are the launcher's to handle.
+        if (run.ready or not child.spec.await_ready) and not run.stopping:
+            self._post(_Exited(child, run, run.exit))
 
     async def _shutdown(self, child: _Child, reason: str) -> None:
         """Stop ``child`` within its shutdown spec; return once its task is gone."""
@@ -630,7 +781,7 @@ class Supervisor:
     def _abandon_all(self, reason: str) -> None:
         """Record children whose tasks died with the nursery (outside cancellation)."""
         for child in reversed(self._children):
-            if child.state in (ChildState.STARTING, ChildState.RUNNING, ChildState.BACKOFF):
+            if child.state not in (ChildState.STOPPING, ChildState.STOPPED, ChildState.FAILED):
                 self._fire(child, Trigger.STOP, reason)
             if child.state is ChildState.STOPPING:
                 self._settle_exit(child, ExitReason.shutdown(reason), Trigger.TERMINATED, reason)
@@ -642,10 +793,8 @@ class Supervisor:
 
     async def _handle_exit(self, message: _Exited) -> None:
         child = message.child
-        if (
-            child not in self._children
-            or message.run is not child.run
-            or child.state not in (ChildState.STARTING, ChildState.RUNNING)
+        if not self._is_current(child, message.run) or not (
+            child.lifecycle.active and child.state is not ChildState.STOPPING
         ):
             return  # stale: the child was stopped, restarted or deleted meanwhile
         exit = message.exit

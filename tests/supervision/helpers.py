@@ -97,6 +97,20 @@ async def wait_for(
     raise AssertionError("event stream closed")
 
 
+async def wait_for_exit(
+    events: trio.MemoryReceiveChannel[TransitionEvent], child_id: str
+) -> TransitionEvent:
+    """Consume events until ``child_id`` exits by itself; return that event."""
+    async for event in events:
+        if event.child_id == child_id and event.new in _AFTER_EXIT and event.old in _BEFORE_EXIT:
+            return event
+    raise AssertionError("event stream closed")
+
+
+_BEFORE_EXIT = {ChildState.STARTING, ChildState.RUNNING, ChildState.UNHEALTHY}
+_AFTER_EXIT = {ChildState.BACKOFF, ChildState.STOPPED, ChildState.FAILED}
+
+
 def drain(events: trio.MemoryReceiveChannel[TransitionEvent]) -> list[TransitionEvent]:
     """Every event already delivered, without waiting."""
     out = []

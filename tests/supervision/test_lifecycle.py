@@ -28,6 +28,16 @@ def test_the_ordinary_life_of_a_child() -> None:
         assert life.fire(trigger) == (old, state)
 
 
+def test_health_reports_move_a_running_child_and_back() -> None:
+    life = Lifecycle(ChildState.RUNNING)
+    life.fire(Trigger.DEGRADED)
+    assert life.state is ChildState.UNHEALTHY
+    assert life.can_fire(Trigger.RESTARTING)
+    life.fire(Trigger.RECOVERED)
+    assert life.state is ChildState.RUNNING
+    assert not Lifecycle(ChildState.STARTING).can_fire(Trigger.DEGRADED)
+
+
 def test_failed_is_left_only_by_an_explicit_start() -> None:
     life = Lifecycle(ChildState.FAILED)
     for trigger in (Trigger.STARTED, Trigger.STOP, Trigger.RESTARTING, Trigger.EXITED):
@@ -56,4 +66,9 @@ def test_a_forbidden_trigger_raises_and_changes_nothing(
 
 def test_active_states_are_the_ones_with_a_task() -> None:
     active = {s for s in ChildState if Lifecycle(s).active}
-    assert active == {ChildState.STARTING, ChildState.RUNNING, ChildState.STOPPING}
+    assert active == {
+        ChildState.STARTING,
+        ChildState.RUNNING,
+        ChildState.UNHEALTHY,
+        ChildState.STOPPING,
+    }

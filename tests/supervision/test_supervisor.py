@@ -32,7 +32,7 @@ from teisup.supervision import (
     UnknownChildError,
 )
 
-from .helpers import Probe, drain, moves, wait_for
+from .helpers import Probe, drain, moves, wait_for, wait_for_exit
 
 FAST = Backoff(initial=0.0)
 
@@ -89,13 +89,6 @@ async def test_otp_restart_matrix(
                 assert [c.state for c in children] == [ChildState.STOPPED]
                 assert sup.snapshot().children[0].last_exit.kind is ORDERS[order]  # type: ignore[union-attr]
     await sup.stop()
-
-
-async def wait_for_exit(events: trio.MemoryReceiveChannel, child_id: str):  # type: ignore[no-untyped-def,type-arg]
-    async for event in events:
-        if event.child_id == child_id and event.old is ChildState.RUNNING:
-            return event
-    raise AssertionError("no exit")
 
 
 # -- strategies -----------------------------------------------------------------
@@ -563,4 +556,215 @@ async def test_a_failing_restart_counts_as_another_exit(
         await wait_for(events, "w", ChildState.RUNNING)
     assert attempts == 3
     assert sup.snapshot().children[0].restarts_in_window == 2
+    await sup.stop()
+
+
+# -- callers that go away, workers that call back, slow starters --------------------
+
+
+async def test_a_cancelled_caller_does_not_leave_a_child_half_stopped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    probe = Probe(stop_delay=3.0)
+    sup = Supervisor("sup", [spec("w", probe)])
+    with sup.events.subscribe() as events:
+        await nursery.start(sup.run)
+        with trio.move_on_after(1):
+            await sup.terminate_child("w")
+        # The caller gave up; the stop goes on and completes.
+        await wait_for(events, "w", ChildState.STOPPED)
+    await sup.restart_child("w")
+    assert sup.which_children()[0].state is ChildState.RUNNING
+    await sup.stop()
+
+
+async def test_a_cancelled_caller_does_not_leave_a_child_half_started(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def slow(ctx: ChildContext) -> None:
+        await trio.sleep(5)
+        ctx.started()
+        await ctx.wait_stop_requested()
+
+    sup = Supervisor("sup")
+    with sup.events.subscribe() as events:
+        await nursery.start(sup.run)
+        with trio.move_on_after(1):
+            await sup.start_child(ChildSpec("slow", slow))
+        await wait_for(events, "slow", ChildState.RUNNING)
+    assert sup.count_children().active == 1
+    await sup.stop()
+
+
+async def test_a_call_in_flight_when_the_supervisor_is_cancelled_gets_a_clear_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = Supervisor("sup", [spec("w", Probe(stop_delay=3.0))])
+    errors: list[BaseException] = []
+
+    async def restart() -> None:
+        try:
+            await sup.restart_child("w")
+        except SupervisorNotRunning as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as callers, trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        callers.start_soon(restart)
+        await trio.sleep(1)  # the restart is waiting for the worker to stop
+        nursery.cancel_scope.cancel()
+    assert [str(e) for e in errors] == ["supervisor 'sup' was cancelled"]
+    assert [c.state for c in sup.which_children()] == [ChildState.STOPPED]
+
+
+async def test_a_worker_cannot_terminate_itself_through_its_supervisor(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    refused: list[str] = []
+
+    async def selfish(ctx: ChildContext) -> None:
+        ctx.started()
+        try:
+            await sup.terminate_child(ctx.id)
+        except ChildRunningError as exc:
+            refused.append(str(exc))
+        await ctx.wait_stop_requested()
+
+    sup = Supervisor("sup", [ChildSpec("w", selfish, shutdown=INFINITY)])
+    await nursery.start(sup.run)
+    await trio.testing.wait_all_tasks_blocked()
+    assert refused == [
+        "supervisor 'sup': child 'w' cannot stop or restart itself through its "
+        "supervisor; return from the worker instead"
+    ]
+    await sup.stop()
+
+
+async def test_a_worker_may_manage_its_siblings_once_ready(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    helper = Probe()
+
+    async def manager(ctx: ChildContext) -> None:
+        ctx.started()
+        await sup.start_child(spec("helper", helper))
+        await ctx.wait_stop_requested()
+
+    sup = Supervisor("sup", [ChildSpec("manager", manager)])
+    with sup.events.subscribe() as events:
+        await nursery.start(sup.run)
+        await wait_for(events, "helper", ChildState.RUNNING)
+    assert [c.id for c in sup.which_children()] == ["manager", "helper"]
+    assert sup.snapshot().children[0].restarts_in_window == 0
+    await sup.stop()
+
+
+async def test_a_transient_sub_supervisor_that_gives_up_stays_down(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    worker = Probe()
+    sub = Supervisor("sub", [spec("w", worker)], intensity=Intensity(max_restarts=0, period=5.0))
+    root = Supervisor("root", [ChildSpec("sub", sub, restart=RestartType.TRANSIENT)])
+    with root.events.subscribe() as events:
+        await nursery.start(root.run)
+        worker.order("crash")
+        await wait_for(events, "sub", ChildState.STOPPED)
+    # OTP: a supervisor past its intensity exits with reason shutdown.
+    node = root.snapshot().children[0]
+    assert node.last_exit is not None
+    assert node.last_exit.kind is ExitKind.SHUTDOWN
+    assert "RestartIntensityExceeded" in node.last_exit.detail
+    assert worker.starts == 1
+    await root.stop()
+
+
+async def test_wait_stopped_returns_when_the_run_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = Supervisor("sup", [spec("w", Probe())])
+    await sup.wait_stopped()  # never ran: nothing to wait for
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        nursery.start_soon(sup.stop)
+        await sup.wait_stopped()
+        assert sup.phase is SupervisorPhase.STOPPED
+
+
+async def test_slow_starters_do_not_hold_up_the_supervisor(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    loaded = trio.Event()
+
+    async def model(ctx: ChildContext) -> None:
+        await loaded.wait()  # minutes of model loading, in real life
+        ctx.started(pid=77)
+        await ctx.wait_stop_requested()
+
+    sup = Supervisor("instances")
+    await nursery.start(sup.run)
+    with sup.events.subscribe() as events:
+        info = await sup.start_child(ChildSpec("big", model, await_ready=False))
+        assert info.state is ChildState.STARTING
+        # The supervisor is free meanwhile: another child starts and stops.
+        await sup.start_child(spec("small", Probe()))
+        await sup.terminate_child("small")
+        loaded.set()
+        await wait_for(events, "big", ChildState.RUNNING)
+    assert sup.which_children()[0].pid == 77
+    await sup.stop()
+
+
+async def test_a_slow_starter_that_dies_before_ready_follows_its_restart_policy(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    attempts = 0
+
+    async def bad_model(ctx: ChildContext) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("model not found")
+
+    child = ChildSpec(
+        "bad",
+        bad_model,
+        await_ready=False,
+        backoff=Backoff(initial=1.0),
+        intensity=Intensity(max_restarts=2, period=60.0),
+    )
+    sup = Supervisor("instances", intensity=None)
+    await nursery.start(sup.run)
+    with sup.events.subscribe() as events:
+        await sup.start_child(child)
+        event = await wait_for(events, "bad", ChildState.FAILED)
+    assert attempts == 3
+    assert "model not found" in event.reason
+    await sup.stop()
+
+
+async def test_health_reports_move_a_child_between_running_and_unhealthy(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    verdicts: trio.MemorySendChannel[bool]
+    verdicts, receive = trio.open_memory_channel[bool](0)
+
+    async def probed(ctx: ChildContext) -> None:
+        ctx.report_health(False, "ignored before ready")
+        ctx.started()
+        async for healthy in receive:
+            ctx.report_health(healthy, "probe")
+        raise RuntimeError("probes say it is dead")
+
+    sup = Supervisor("sup", [ChildSpec("m", probed, backoff=FAST)])
+    with sup.events.subscribe() as events:
+        await nursery.start(sup.run)
+        await verdicts.send(False)
+        await wait_for(events, "m", ChildState.UNHEALTHY)
+        await verdicts.send(False)  # already unhealthy: no event
+        await verdicts.send(True)
+        await wait_for(events, "m", ChildState.RUNNING)
+        await verdicts.send(False)
+        await wait_for(events, "m", ChildState.UNHEALTHY)
+        await verdicts.aclose()
+        event = await wait_for_exit(events, "m")
+    assert (event.old, event.new) == (ChildState.UNHEALTHY, ChildState.BACKOFF)
     await sup.stop()
