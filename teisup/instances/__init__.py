@@ -1,0 +1,57 @@
+"""The instances layer: TEI (or the embedded backend) as supervised OS processes.
+
+`InstanceManager` is the front door; `InstanceRunner` is one instance's
+supervised worker; `spec`, `launch`, `health` are pure; `process`, `ports`,
+`gpus`, `logs` are the thin I/O edges (each with a seam for tests).
+"""
+
+from .gpus import FakeNvml, GpuInfo, InvalidGpuId, NvmlReader, PynvmlReader, validate_gpu_id
+from .health import HealthPolicy, HealthSettings, Verdict
+from .logs import InstanceLog, LogLine
+from .manager import (
+    InstanceExists,
+    InstanceInfo,
+    InstanceManager,
+    InstanceNotFound,
+    MaxInstancesReached,
+    resolve_launcher,
+)
+from .ports import PortAllocator, PortError, PortRange, PortRangeExhausted, Ports, PortUnavailable
+from .process import ProcessSpawner, set_child_subreaper, sweep_leftovers
+from .runner import InstanceRunner, Probe, RunStatus
+from .spec import InstanceSpec, RestartPolicy, spec_from_dict
+
+__all__ = [
+    "FakeNvml",
+    "GpuInfo",
+    "HealthPolicy",
+    "HealthSettings",
+    "InstanceExists",
+    "InstanceInfo",
+    "InstanceLog",
+    "InstanceManager",
+    "InstanceNotFound",
+    "InstanceRunner",
+    "InstanceSpec",
+    "InvalidGpuId",
+    "LogLine",
+    "MaxInstancesReached",
+    "NvmlReader",
+    "PortAllocator",
+    "PortError",
+    "PortRange",
+    "PortRangeExhausted",
+    "PortUnavailable",
+    "Ports",
+    "Probe",
+    "ProcessSpawner",
+    "PynvmlReader",
+    "RestartPolicy",
+    "RunStatus",
+    "Verdict",
+    "resolve_launcher",
+    "set_child_subreaper",
+    "spec_from_dict",
+    "sweep_leftovers",
+    "validate_gpu_id",
+]

@@ -1,0 +1,108 @@
+"""The exact command line and environment an instance's process gets (pure).
+
+TEI's router reads every flag from an environment variable of the same name
+too (``--port`` from ``PORT``, ``--hostname`` from ``HOSTNAME``, which Docker
+sets to the container id), so the child environment is scrubbed of those
+names: what the manager passes on the command line is what the router uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .spec import InstanceSpec
+
+__all__ = [
+    "INSTANCE_MARKER",
+    "MANAGER_MARKER",
+    "SCRUBBED_VARIABLES",
+    "build_argv",
+    "build_env",
+]
+
+#: Marker variables on every child, so leftovers of a dead manager can be found.
+MANAGER_MARKER = "TEISUP_MANAGER_ID"
+INSTANCE_MARKER = "TEISUP_INSTANCE"
+
+#: The router flags' environment names (clap ``env``), TEI 1.8.3.
+SCRUBBED_VARIABLES = frozenset(
+    {
+        "MODEL_ID",
+        "REVISION",
+        "TOKENIZATION_WORKERS",
+        "DTYPE",
+        "POOLING",
+        "MAX_CONCURRENT_REQUESTS",
+        "MAX_BATCH_TOKENS",
+        "MAX_BATCH_REQUESTS",
+        "MAX_CLIENT_BATCH_SIZE",
+        "AUTO_TRUNCATE",
+        "DEFAULT_PROMPT_NAME",
+        "DEFAULT_PROMPT",
+        "DENSE_PATH",
+        "HOSTNAME",
+        "PORT",
+        "UDS_PATH",
+        "PAYLOAD_LIMIT",
+        "API_KEY",
+        "JSON_OUTPUT",
+        "DISABLE_SPANS",
+        "OTLP_ENDPOINT",
+        "OTLP_SERVICE_NAME",
+        "PROMETHEUS_PORT",
+        "CORS_ALLOW_ORIGIN",
+    }
+)
+
+#: Instances only ever listen on loopback: the multiplexer is the way in.
+INSTANCE_HOST = "127.0.0.1"
+
+
+def build_argv(
+    launcher: Sequence[str], spec: InstanceSpec, port: int, prometheus_port: int
+) -> list[str]:
+    """The router's argv: ``launcher`` (the binary, or an interpreter and a
+    module) followed by the flags, then the spec's ``extra_args``."""
+    argv = [
+        *launcher,
+        "--model-id",
+        spec.model_id,
+        "--port",
+        str(port),
+        "--hostname",
+        INSTANCE_HOST,
+        "--max-batch-tokens",
+        str(spec.max_batch_tokens),
+        "--max-concurrent-requests",
+        str(spec.max_concurrent_requests),
+        "--prometheus-port",
+        str(prometheus_port),
+        "--json-output",
+    ]
+    if spec.pooling is not None:
+        argv += ["--pooling", spec.pooling]
+    if spec.revision is not None:
+        argv += ["--revision", spec.revision]
+    if spec.dtype is not None:
+        argv += ["--dtype", spec.dtype]
+    if spec.max_client_batch_size is not None:
+        argv += ["--max-client-batch-size", str(spec.max_client_batch_size)]
+    if spec.auto_truncate:
+        # A bare flag in TEI 1.8: "--auto-truncate true" is a usage error there.
+        argv.append("--auto-truncate")
+    return argv + list(spec.extra_args)
+
+
+def build_env(base: Mapping[str, str], spec: InstanceSpec, manager_id: str) -> dict[str, str]:
+    """The child's environment: ``base`` minus the router's flag variables,
+    plus ``NO_COLOR``, the GPU pin and the marker variables."""
+    env = {k: v for k, v in base.items() if k not in SCRUBBED_VARIABLES}
+    env["NO_COLOR"] = "1"
+    # Python children (the embedded backend) would otherwise block-buffer their
+    # logs on a pipe and show nothing until they exit.
+    env["PYTHONUNBUFFERED"] = "1"
+    if spec.gpu_id is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_id)
+    env[MANAGER_MARKER] = manager_id
+    env[INSTANCE_MARKER] = spec.name
+    return env

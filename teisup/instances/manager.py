@@ -1,0 +1,324 @@
+"""The instances layer's front door: a registry of instances over one supervisor.
+
+`InstanceManager` owns the ``instances`` supervisor (one_for_one, no
+supervisor-wide intensity: each instance gives up on its own) and everything
+an instance needs besides its process: its ports, its log, its GPU check. The
+REST control plane and the gRPC multiplexer talk to it, never to processes.
+
+An instance's state is its supervised child's state (`ChildState`: stopped,
+starting, running, unhealthy, backoff, stopping, failed), so every transition
+goes through the supervision core's transition hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import trio
+
+from ..supervision import (
+    ChildSpec,
+    ChildState,
+    ExitReason,
+    RestartType,
+    Supervisor,
+)
+from ..supervision.errors import UnknownChildError
+from .gpus import NvmlReader, validate_gpu_id
+from .health import HealthSettings
+from .logs import InstanceLog, LogLine
+from .ports import PortAllocator, Ports
+from .process import ProcessSpawner, reap_adopted_orphans
+from .runner import InstanceRunner, Probe, RunStatus
+from .spec import InstanceSpec
+
+__all__ = [
+    "InstanceExists",
+    "InstanceInfo",
+    "InstanceManager",
+    "InstanceNotFound",
+    "MaxInstancesReached",
+    "resolve_launcher",
+]
+
+logger = logging.getLogger("teisup.instances")
+
+#: The supervisor waits this long beyond an instance's own SIGTERM grace before
+#: it cancels the runner (which then SIGKILLs the group itself).
+_SHUTDOWN_MARGIN = 10.0
+
+
+class InstanceNotFound(LookupError):
+    """No instance of that name."""
+
+
+class InstanceExists(ValueError):
+    """An instance of that name already exists."""
+
+
+class MaxInstancesReached(ValueError):
+    """The manager already holds ``max_instances`` instances."""
+
+
+class InstanceInfo(msgspec.Struct, frozen=True):
+    """One instance as the API shows it (tei-manager's fields, then ours)."""
+
+    name: str
+    model_id: str
+    port: int
+    status: str
+    pid: int | None
+    created_at: str
+    uptime_secs: float | None
+    restarts: int
+    health_check_failures: int
+    last_health_check: str | None
+    gpu_id: int | None
+    prometheus_port: int
+    restart_policy: str
+    restarts_in_window: int
+    next_restart_in: float | None
+    last_exit: ExitReason | None
+    last_error: str | None
+
+
+@dataclass
+class _Instance:
+    spec: InstanceSpec
+    ports: Ports
+    log: InstanceLog
+    created_at: str
+    status: RunStatus = field(default_factory=RunStatus)
+
+
+def resolve_launcher(tei_binary_path: str | None) -> list[str]:
+    """The command that starts a router: TEI's binary if there is one, else
+    the embedded backend (``python -m teisup.embedded``)."""
+    candidates = [tei_binary_path] if tei_binary_path else []
+    candidates.append("text-embeddings-router")
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found:
+            return [found]
+    if tei_binary_path:
+        logger.warning(
+            "TEI binary %r not found; using the embedded backend instead", tei_binary_path
+        )
+    return [sys.executable, "-m", "teisup.embedded"]
+
+
+def _rfc3339(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+class InstanceManager:
+    """Create, start, stop, restart and delete instances; report on them.
+
+    Run `supervisor` in the tree (``ChildSpec("instances", manager.supervisor)``)
+    inside ``async with ProcessSpawner() as spawner``, which must outlive it.
+    """
+
+    def __init__(
+        self,
+        *,
+        launcher: Sequence[str],
+        manager_id: str,
+        spawner: ProcessSpawner,
+        ports: PortAllocator,
+        gpus: NvmlReader,
+        probe: Probe,
+        health: HealthSettings | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        max_instances: int | None = None,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.launcher = list(launcher)
+        self.manager_id = manager_id
+        self.spawner = spawner
+        self.ports = ports
+        self.gpus = gpus
+        self.probe = probe
+        self.health = health or HealthSettings()
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.max_instances = max_instances
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.supervisor = Supervisor("instances", intensity=None, max_children=max_instances)
+        self._instances: dict[str, _Instance] = {}
+
+    # -- lifecycle calls ----------------------------------------------------------
+
+    async def create(self, spec: InstanceSpec, *, start: bool = True) -> InstanceInfo:
+        """Register a new instance (and start it unless ``start`` is False).
+
+        Raises `InstanceExists`, `MaxInstancesReached`, `InvalidGpuId` or a
+        `PortError` before anything is started; nothing is kept on error.
+        """
+        if spec.name in self._instances:
+            raise InstanceExists(f"instance {spec.name!r} already exists")
+        if self.max_instances is not None and len(self._instances) >= self.max_instances:
+            raise MaxInstancesReached(
+                f"already {len(self._instances)} instances (max_instances={self.max_instances})"
+            )
+        if spec.gpu_id is not None:
+            gpus = await trio.to_thread.run_sync(self.gpus.read)
+            validate_gpu_id(spec.gpu_id, gpus, unavailable_reason=self.gpus.unavailable_reason)
+        ports = self.ports.allocate(spec.name, spec.port or None, spec.prometheus_port or None)
+        log = InstanceLog(spec.name, directory=self.log_dir)
+        created = _rfc3339(time.time())
+        self._instances[spec.name] = _Instance(spec, ports, log, created)
+        if start:
+            try:
+                await self.start(spec.name)
+            except BaseException:
+                await self._forget(spec.name)
+                raise
+        return self.get(spec.name)
+
+    async def start(self, name: str) -> InstanceInfo:
+        """Start an instance; a no-op for one that is starting or running.
+
+        A ``failed`` or ``stopped`` instance starts with a clean restart history.
+        """
+        instance = self._require(name)
+        state = self._state(name)
+        if state is None:
+            await self.supervisor.start_child(self._child_spec(instance))
+        elif state in (ChildState.STOPPED, ChildState.FAILED):
+            await self.supervisor.restart_child(name)
+        # starting, running, unhealthy, backoff, stopping: already on its way.
+        return self.get(name)
+
+    async def stop(self, name: str) -> InstanceInfo:
+        """Stop an instance (SIGTERM, grace, SIGKILL); a no-op if it is stopped."""
+        self._require(name)
+        if self._state(name) is not None:
+            await self.supervisor.terminate_child(name)
+        return self.get(name)
+
+    async def restart(self, name: str) -> InstanceInfo:
+        """Stop the instance if it runs, then start it with a clean history."""
+        instance = self._require(name)
+        if self._state(name) is None:
+            await self.supervisor.start_child(self._child_spec(instance))
+        else:
+            await self.supervisor.restart_child(name)
+        return self.get(name)
+
+    async def delete(self, name: str) -> None:
+        """Stop an instance and forget it, releasing its ports."""
+        self._require(name)
+        await self._forget(name)
+
+    async def _forget(self, name: str) -> None:
+        if self._state(name) is not None:
+            await self.supervisor.terminate_child(name)
+            # A temporary child's spec goes by itself when it stops.
+            with contextlib.suppress(UnknownChildError):
+                await self.supervisor.delete_child(name)
+        instance = self._instances.pop(name)
+        self.ports.release(name)
+        instance.log.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._instances)
+
+    def get(self, name: str) -> InstanceInfo:
+        instance = self._require(name)
+        node = next((n for n in self.supervisor.snapshot().children if n.id == name), None)
+        spec, status = instance.spec, instance.status
+        return InstanceInfo(
+            name=name,
+            model_id=spec.model_id,
+            port=instance.ports.port,
+            status=node.state if node else ChildState.STOPPED.value,
+            pid=node.pid if node else None,
+            created_at=instance.created_at,
+            uptime_secs=node.uptime if node else None,
+            restarts=max(0, status.runs - 1),
+            health_check_failures=status.health_check_failures,
+            last_health_check=(
+                _rfc3339(status.last_health_check) if status.last_health_check else None
+            ),
+            gpu_id=spec.gpu_id,
+            prometheus_port=instance.ports.prometheus_port,
+            restart_policy=spec.restart.type.value,
+            restarts_in_window=node.restarts_in_window if node else 0,
+            next_restart_in=node.next_restart_in if node else None,
+            last_exit=node.last_exit if node else None,
+            last_error=status.last_error or None,
+        )
+
+    def all(self) -> list[InstanceInfo]:
+        """Every instance, sorted by name."""
+        return [self.get(name) for name in self.names()]
+
+    def spec(self, name: str) -> InstanceSpec:
+        return self._require(name).spec
+
+    def logs(self, name: str, start: int | None = None, end: int | None = None) -> list[LogLine]:
+        return self._require(name).log.lines(start, end)
+
+    def owned_pids(self) -> set[int]:
+        """Pids of the instance processes this manager waits for itself."""
+        return {pid for i in self._instances.values() for pid in i.status.owned_pids}
+
+    async def reap_orphans(self) -> None:
+        """Reap adopted orphans on every SIGCHLD, until cancelled.
+
+        As a child subreaper (or PID 1) the manager inherits orphaned
+        grandchildren; this keeps their zombies from piling up.
+        """
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            async for _ in signals:
+                reap_adopted_orphans(self.owned_pids())
+
+    # -- internals -------------------------------------------------------------
+
+    def _require(self, name: str) -> _Instance:
+        try:
+            return self._instances[name]
+        except KeyError:
+            raise InstanceNotFound(f"instance {name!r} not found") from None
+
+    def _state(self, name: str) -> ChildState | None:
+        for child in self.supervisor.which_children():
+            if child.id == name:
+                return child.state
+        return None
+
+    def _child_spec(self, instance: _Instance) -> ChildSpec:
+        spec = instance.spec
+        runner = InstanceRunner(
+            spec,
+            instance.ports,
+            launcher=self.launcher,
+            spawner=self.spawner,
+            log=instance.log,
+            probe=self.probe,
+            health=self.health,
+            manager_id=self.manager_id,
+            base_env=self.base_env,
+            status=instance.status,
+        )
+        return ChildSpec(
+            spec.name,
+            runner,
+            restart=RestartType(spec.restart.type),
+            shutdown=spec.stop_grace_secs + _SHUTDOWN_MARGIN,
+            backoff=spec.restart.backoff,
+            intensity=spec.restart.intensity,
+            await_ready=False,
+        )

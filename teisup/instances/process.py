@@ -1,0 +1,327 @@
+"""OS processes with no orphans: spawn, wait, signal, sweep (Linux).
+
+Three measures, because each covers a gap in the others:
+
+* every child leads its own session and process group, and is signalled as a
+  group, so TEI's own children (a python backend) stop with it;
+* every child carries ``PR_SET_PDEATHSIG(SIGKILL)``, so it dies if the manager
+  is SIGKILLed. The kernel ties that signal to the *thread* that forked the
+  child, and trio's ``open_process`` forks from a cached worker thread that
+  exits after 10 s idle, which would kill the child then. So `ProcessSpawner`
+  forks from one dedicated thread that lives until the spawner closes, after
+  every child is gone;
+* the manager is a child subreaper, so orphaned grandchildren come back to it
+  to be reaped, and a start-up sweep kills whatever a previous manager left
+  (found by the marker variables in ``/proc/<pid>/environ``).
+
+Whether a pid is alive is read from ``/proc/<pid>/stat``: ``kill -0`` succeeds
+on zombies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+__all__ = [
+    "ProcessSpawner",
+    "find_marked_processes",
+    "kill_group",
+    "proc_state",
+    "reap_adopted_orphans",
+    "set_child_subreaper",
+    "sweep_leftovers",
+    "wait_for_exit",
+]
+
+logger = logging.getLogger("teisup.instances.process")
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup(parent_pid: int) -> None:  # pragma: no cover - runs in the forked child
+    # Between fork and exec: only async-signal-safe work. If the parent died
+    # before prctl took effect, no signal would ever come, so check.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def set_child_subreaper() -> bool:
+    """Make this process a child subreaper; False where the kernel refuses."""
+    return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+@dataclass
+class _SpawnRequest:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str | None
+    done: trio.Event
+    token: trio.lowlevel.TrioToken
+    process: subprocess.Popen[bytes] | None = None
+    error: BaseException | None = None
+
+
+class ProcessSpawner:
+    """Forks children from one long-lived thread so PDEATHSIG stays armed.
+
+    Use as an async context manager; leaving it stops the thread, so leave it
+    only once every child it spawned has exited.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[_SpawnRequest | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def __aenter__(self) -> ProcessSpawner:
+        self._thread = threading.Thread(target=self._serve, name="teisup-spawner", daemon=True)
+        self._thread.start()
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._requests.put(None)
+        self._thread = None
+        await trio.lowlevel.checkpoint()
+
+    def _serve(self) -> None:
+        parent = os.getpid()
+        while (request := self._requests.get()) is not None:
+            try:
+                request.process = subprocess.Popen(
+                    list(request.argv),
+                    env=dict(request.env),
+                    cwd=request.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    preexec_fn=lambda: _child_setup(parent),
+                )
+            except BaseException as exc:  # reported to the caller, never lost here
+                request.error = exc
+            try:
+                request.token.run_sync_soon(request.done.set)
+            except trio.RunFinishedError:
+                if request.process is not None:
+                    kill_group(request.process.pid, signal.SIGKILL)
+                    request.process.wait()
+
+    async def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a new session with pipes on stdout and stderr.
+
+        Raises what `subprocess.Popen` raises (FileNotFoundError for a missing
+        binary, PermissionError, ...).
+        """
+        if self._thread is None:
+            raise RuntimeError("ProcessSpawner is not open")
+        request = _SpawnRequest(argv, env, cwd, trio.Event(), trio.lowlevel.current_trio_token())
+        self._requests.put(request)
+        # Not cancellable: a process forked for a caller that went away would
+        # have no owner. Forking takes milliseconds.
+        with trio.CancelScope(shield=True):
+            await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.process is not None
+        return request.process
+
+
+def _exited_unreaped(pid: int) -> bool:
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True  # reaped already
+    return info is not None
+
+
+async def wait_for_exit(
+    process: subprocess.Popen[bytes], *, before_reap: Callable[[], object] | None = None
+) -> int:
+    """Wait for ``process`` to exit and reap it; return its return code.
+
+    Uses a pidfd where the kernel has them: woken by the exit itself, with no
+    polling. ``before_reap`` runs after the exit and before the reaping, while
+    the pid still cannot be reused (to signal the rest of its group, say).
+    """
+    if process.returncode is not None:
+        return process.returncode
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if pidfd is None:  # pragma: no cover - kernels before 5.3
+            while not _exited_unreaped(process.pid):  # noqa: ASYNC110 - no pidfd: only time
+                await trio.sleep(0.05)
+        elif not _exited_unreaped(process.pid):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    if before_reap is not None and process.returncode is None:
+        before_reap()
+    return process.wait()
+
+
+def kill_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` to a process group; False if no member is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        logger.warning("not allowed to signal process group %d", pgid)
+        return False
+    return True
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from ``/proc`` (``Z`` for a zombie), or
+    None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is in parentheses and may itself contain ") ".
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or not ours to read
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def find_marked_processes(markers: Mapping[str, str]) -> list[int]:
+    """Live (non-zombie) processes whose environment holds every marker."""
+    found = []
+    me = os.getpid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        env = _environ(pid)
+        if env and all(env.get(k) == v for k, v in markers.items()):
+            state = proc_state(pid)
+            if state is not None and state != "Z":
+                found.append(pid)
+    return sorted(found)
+
+
+async def sweep_leftovers(markers: Mapping[str, str], *, grace: float = 5.0) -> list[int]:
+    """Kill what a previous manager with these markers left running.
+
+    SIGTERM to each leftover's process group, up to ``grace`` seconds for them
+    to go, then SIGKILL. Returns the pids that were found.
+    """
+    leftovers = find_marked_processes(markers)
+    if not leftovers:
+        return []
+    logger.warning(
+        "sweeping %d leftover process(es) of a previous manager: %s", len(leftovers), leftovers
+    )
+    for pid in leftovers:
+        _signal_leftover(pid, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        async with trio.open_nursery() as nursery:
+            for pid in leftovers:
+                nursery.start_soon(_wait_gone, pid)
+    for pid in leftovers:
+        if _alive(pid):
+            _signal_leftover(pid, signal.SIGKILL)
+    return leftovers
+
+
+async def _wait_gone(pid: int) -> None:
+    # A pidfd also works for processes that are not our children.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # gone already, or no pidfd support
+        while _alive(pid):  # noqa: ASYNC110 - no pidfd: only time tells
+            await trio.sleep(0.05)
+        return
+    try:
+        if _alive(pid):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def _alive(pid: int) -> bool:
+    state = proc_state(pid)
+    return state is not None and state != "Z"
+
+
+def _signal_leftover(pid: int, sig: signal.Signals) -> None:
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    # Never signal our own group: a leftover could only share it by accident.
+    if pgid != os.getpgid(0) and pgid == pid:
+        kill_group(pgid, sig)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def reap_adopted_orphans(owned: set[int]) -> list[int]:
+    """Reap zombie children of ours that nobody else waits for.
+
+    As a subreaper (or as PID 1 in a container) the manager inherits orphaned
+    grandchildren; their zombies are reaped here. ``owned`` are the pids of
+    children whose owners wait for them themselves.
+    """
+    me = os.getpid()
+    reaped = []
+    for pid in _pids():
+        if pid in owned or _parent_of(pid) != me or proc_state(pid) != "Z":
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        except OSError as exc:  # pragma: no cover - defensive
+            if exc.errno != errno.ECHILD:
+                raise
+            continue
+        reaped.append(pid)
+    return reaped

@@ -1,0 +1,258 @@
+"""The supervised worker of one instance: one OS process per run.
+
+Each run spawns the router, pumps its output into the instance's log, probes
+it until ready (reporting ``ctx.started``), keeps probing while it runs
+(reporting health), and ends in one of four ways:
+
+* the process exits by itself: noticed at once through its pidfd, the rest of
+  its process group is killed, and the exit code becomes the `ExitReason`
+  (with the last log lines, so a model that fails to load says why);
+* the supervisor asks it to stop: SIGTERM to the group, the grace period,
+  then SIGKILL to the group;
+* too many failed probes, or no readiness within the start-up budget: the
+  group is killed and the run ends abnormally, so the restart policy decides;
+* cancellation: the group is SIGKILLed before the task goes.
+
+The restart decision itself is the supervisor's (`teisup.supervision`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from ..supervision import ChildContext, ExitReason
+from .health import HealthPolicy, HealthSettings, Verdict
+from .launch import INSTANCE_HOST, build_argv, build_env
+from .logs import InstanceLog, LogLine, is_ready_line, pump
+from .ports import Ports
+from .process import ProcessSpawner, kill_group, wait_for_exit
+from .spec import InstanceSpec
+
+__all__ = ["InstanceRunner", "Probe", "RunStatus", "describe_exit"]
+
+logger = logging.getLogger("teisup.instances")
+
+#: ``probe(host, port, timeout)`` -> None when the instance answers, else why not.
+Probe = Callable[[str, int, float], Awaitable[str | None]]
+
+
+@dataclass
+class RunStatus:
+    """What the runner knows beyond the supervisor's state, for the API."""
+
+    runs: int = 0
+    pid: int | None = None
+    health_check_failures: int = 0
+    last_health_check: float | None = None  # wall-clock seconds of the last success
+    last_error: str = ""
+    owned_pids: set[int] = field(default_factory=set)
+
+
+def describe_exit(returncode: int, log: InstanceLog, lines: int = 3) -> ExitReason:
+    """An `ExitReason` for a process that exited by itself."""
+    if returncode == 0:
+        return ExitReason.normal("exited with code 0")
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        what = f"killed by {name}"
+    else:
+        what = f"exited with code {returncode}"
+    tail = " | ".join(line.message or line.text for line in log.tail(lines))
+    return ExitReason.abnormal(f"{what}; last output: {tail}" if tail else what)
+
+
+class InstanceRunner:
+    """A worker function (``await runner(ctx)``) for one instance's child spec."""
+
+    def __init__(
+        self,
+        spec: InstanceSpec,
+        ports: Ports,
+        *,
+        launcher: Sequence[str],
+        spawner: ProcessSpawner,
+        log: InstanceLog,
+        probe: Probe,
+        health: HealthSettings,
+        manager_id: str,
+        base_env: Mapping[str, str] | None = None,
+        status: RunStatus | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.ports = ports
+        self.launcher = list(launcher)
+        self.spawner = spawner
+        self.log = log
+        self.probe = probe
+        self.health = health
+        self.manager_id = manager_id
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.status = status or RunStatus()
+        self._clock = clock
+        self._wall_clock = wall_clock or time.time
+
+    async def __call__(self, ctx: ChildContext) -> ExitReason:
+        spec, ports = self.spec, self.ports
+        argv = build_argv(self.launcher, spec, ports.port, ports.prometheus_port)
+        env = build_env(self.base_env, spec, self.manager_id)
+        self.status.runs += 1
+        self.status.health_check_failures = 0
+        try:
+            process = await self.spawner.spawn(argv, env)
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {argv[0]!r}: {exc}") from exc
+        self.status.pid = process.pid
+        self.status.owned_pids.add(process.pid)
+        ctx.report_pid(process.pid)
+        logger.info("instance %s: started pid %d: %s", spec.name, process.pid, " ".join(argv))
+        try:
+            return await self._supervise(ctx, process)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._make_sure_it_is_gone(process)
+            self.status.owned_pids.discard(process.pid)
+            self.status.pid = None
+
+    async def _supervise(self, ctx: ChildContext, process: subprocess.Popen[bytes]) -> ExitReason:
+        wake_send, wake = trio.open_memory_channel[str](math.inf)
+        exited = trio.Event()
+        returncode: int | None = None
+        streams = []
+        for pipe in (process.stdout, process.stderr):
+            assert pipe is not None
+            streams.append(trio.lowlevel.FdStream(os.dup(pipe.fileno())))
+            pipe.close()
+
+        def on_line(line: LogLine) -> None:
+            if is_ready_line(line):
+                wake_send.send_nowait("ready-line")
+
+        async def watch_exit() -> None:
+            nonlocal returncode
+            # Kill what is left of the group while the leader is still a zombie,
+            # so its pid (the group id) cannot have been reused.
+            returncode = await wait_for_exit(
+                process, before_reap=lambda: kill_group(process.pid, signal.SIGKILL)
+            )
+            exited.set()
+            wake_send.send_nowait("exit")
+
+        async def watch_stop() -> None:
+            await ctx.wait_stop_requested()
+            wake_send.send_nowait("stop")
+
+        async with trio.open_nursery() as nursery:
+            for stream, name in zip(streams, ("stdout", "stderr"), strict=True):
+                nursery.start_soon(self._pump, stream, name, on_line)
+            nursery.start_soon(watch_exit)
+            nursery.start_soon(watch_stop)
+            result = await self._lifetime(ctx, process, exited, wake)
+            nursery.cancel_scope.cancel()
+        if result is None:  # the process exited by itself
+            assert returncode is not None
+            return describe_exit(returncode, self.log)
+        return result
+
+    async def _pump(
+        self, stream: trio.lowlevel.FdStream, name: str, on_line: Callable[[LogLine], None]
+    ) -> None:
+        async with stream:
+            await pump(stream, self.log, name, on_line=on_line)  # type: ignore[arg-type]
+
+    async def _lifetime(
+        self,
+        ctx: ChildContext,
+        process: subprocess.Popen[bytes],
+        exited: trio.Event,
+        wake: trio.MemoryReceiveChannel[str],
+    ) -> ExitReason | None:
+        """Probe and wait until the run ends; None when the process exited."""
+        spec = self.spec
+        policy = HealthPolicy(
+            self.health, startup_timeout=spec.startup_timeout_secs, started_at=self._clock()
+        )
+        next_probe = self._clock() + policy.next_probe_after()
+        while True:
+            reason = None
+            with trio.move_on_at(next_probe):
+                reason = await wake.receive()
+            if exited.is_set():
+                return None
+            if ctx.stop_requested:
+                return await self._stop(process, exited)
+            if reason == "ready-line" and policy.ready:
+                continue  # a stray Ready line after readiness changes nothing
+            error = await self.probe(INSTANCE_HOST, self.ports.port, self.health.timeout)
+            if exited.is_set():
+                return None
+            now = self._clock()
+            verdict = policy.on_probe(error is None, now, error or "")
+            next_probe = now + policy.next_probe_after()
+            if error is None:
+                self.status.health_check_failures = 0
+                self.status.last_health_check = self._wall_clock()
+            elif policy.ready:
+                self.status.health_check_failures = policy.consecutive_failures
+            self.status.last_error = error or ""
+            if verdict is Verdict.READY:
+                logger.info("instance %s: ready on port %d", spec.name, self.ports.port)
+                ctx.started(pid=process.pid)
+            elif verdict is Verdict.HEALTHY:
+                ctx.report_health(True, "health check answered")
+            elif verdict is Verdict.DEGRADED:
+                ctx.report_health(
+                    False, f"health check failed ({policy.consecutive_failures}): {error}"
+                )
+            elif verdict is Verdict.RESTART:
+                await self._kill(process, exited)
+                return ExitReason.abnormal(
+                    f"unhealthy: {policy.consecutive_failures} consecutive health checks "
+                    f"failed; last: {error}"
+                )
+            elif verdict is Verdict.STARTUP_TIMEOUT:
+                await self._kill(process, exited)
+                tail = " | ".join(line.message or line.text for line in self.log.tail(3))
+                return ExitReason.abnormal(
+                    f"not ready within {spec.startup_timeout_secs:g}s (last probe: {error})"
+                    + (f"; last output: {tail}" if tail else "")
+                )
+
+    async def _stop(self, process: subprocess.Popen[bytes], exited: trio.Event) -> ExitReason:
+        kill_group(process.pid, signal.SIGTERM)
+        with trio.move_on_after(self.spec.stop_grace_secs):
+            await exited.wait()
+        if exited.is_set():
+            return ExitReason.shutdown("stopped")
+        logger.warning(
+            "instance %s: no exit %gs after SIGTERM; sending SIGKILL",
+            self.spec.name,
+            self.spec.stop_grace_secs,
+        )
+        await self._kill(process, exited)
+        return ExitReason.shutdown(f"killed after {self.spec.stop_grace_secs:g}s grace")
+
+    async def _kill(self, process: subprocess.Popen[bytes], exited: trio.Event) -> None:
+        kill_group(process.pid, signal.SIGKILL)
+        await exited.wait()
+
+    async def _make_sure_it_is_gone(self, process: subprocess.Popen[bytes]) -> None:
+        # returncode is set only once reaped, and watch_exit kills the group
+        # before reaping; an unreaped leader still holds the group id.
+        if process.returncode is None:
+            kill_group(process.pid, signal.SIGKILL)
+            with trio.move_on_after(10):
+                await wait_for_exit(process)

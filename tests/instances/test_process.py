@@ -1,0 +1,142 @@
+"""Real processes: spawning, exit codes, group kills, zombies, leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import trio
+
+from teisup.instances.process import (
+    ProcessSpawner,
+    find_marked_processes,
+    kill_group,
+    proc_state,
+    reap_adopted_orphans,
+    set_child_subreaper,
+    sweep_leftovers,
+    wait_for_exit,
+)
+
+
+async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        assert chunk, "stream closed before a full line"
+        data += chunk
+    return data.strip()
+
+
+def pipe(fileobj: object) -> trio.lowlevel.FdStream:
+    fd = fileobj.fileno()  # type: ignore[attr-defined]
+    return trio.lowlevel.FdStream(os.dup(fd))
+
+
+async def wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (its pidfd turns readable)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def test_spawned_child_leads_its_own_group_and_reports_its_exit_code() -> None:
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", "exit 3"], env={"PATH": os.environ["PATH"]})
+        assert os.getpgid(proc.pid) == proc.pid or proc_state(proc.pid) in (None, "Z")
+        assert await wait_for_exit(proc) == 3
+        assert proc_state(proc.pid) is None  # reaped
+    for f in (proc.stdout, proc.stderr):
+        assert f is not None
+        f.close()
+
+
+async def test_a_missing_binary_is_a_clear_error() -> None:
+    async with ProcessSpawner() as spawner:
+        with pytest.raises(FileNotFoundError, match="/nonexistent/text-embeddings-router"):
+            await spawner.spawn(["/nonexistent/text-embeddings-router"], env={})
+
+
+async def test_killing_the_group_takes_the_grandchild_with_it() -> None:
+    script = "sleep 1000 & echo $!; wait"
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", script], env={"PATH": os.environ["PATH"]})
+        async with pipe(proc.stdout) as out:
+            grandchild = int(await read_line(out))
+        assert proc_state(grandchild) not in (None, "Z")
+        assert kill_group(proc.pid, signal.SIGKILL)
+        assert await wait_for_exit(proc) == -signal.SIGKILL
+        with trio.fail_after(10):
+            await wait_gone(grandchild)
+        assert proc_state(grandchild) in (None, "Z")
+    for f in (proc.stdout, proc.stderr):
+        assert f is not None
+        f.close()
+
+
+def test_proc_state_sees_zombies_that_kill_0_would_not() -> None:
+    child = subprocess.Popen(["true"])
+    # Wait for the exit without reaping it.
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    os.kill(child.pid, 0)  # succeeds on a zombie: useless as a liveness check
+    assert proc_state(child.pid) == "Z"
+    child.wait()
+    assert proc_state(child.pid) is None
+
+
+IGNORE_SIGTERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print(1, flush=True); time.sleep(1000)"
+)
+
+
+def start_leftovers(marker: dict[str, str]) -> tuple[subprocess.Popen[bytes], ...]:
+    """Two processes as a dead manager would leave them: one obeys SIGTERM."""
+    env = {"PATH": os.environ["PATH"], **marker}
+    polite = subprocess.Popen(["sleep", "1000"], env=env, start_new_session=True)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", IGNORE_SIGTERM],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout is not None
+    assert stubborn.stdout.readline() == b"1\n"  # its handler is installed
+    stubborn.stdout.close()
+    return polite, stubborn
+
+
+async def test_sweep_kills_marked_leftovers_even_if_they_ignore_sigterm() -> None:
+    marker = {"TEISUP_MANAGER_ID": f"test-{uuid.uuid4()}"}
+    polite, stubborn = start_leftovers(marker)
+    assert find_marked_processes(marker) == sorted([polite.pid, stubborn.pid])
+    found = await sweep_leftovers(marker, grace=0.5)
+    assert found == sorted([polite.pid, stubborn.pid])
+    assert await wait_for_exit(polite) == -signal.SIGTERM
+    assert await wait_for_exit(stubborn) == -signal.SIGKILL
+    assert find_marked_processes(marker) == []
+
+
+def test_a_subreaper_reaps_the_orphans_it_adopts() -> None:
+    assert set_child_subreaper()
+    # sh starts a background sleep and exits at once: the sleep is orphaned and,
+    # with us as subreaper, adopted by this process.
+    out = subprocess.run(
+        ["sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"], capture_output=True, check=True
+    )
+    orphan = int(out.stdout)
+    assert proc_state(orphan) not in (None, "Z")
+    os.kill(orphan, signal.SIGKILL)
+    os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOWAIT)
+    assert proc_state(orphan) == "Z"
+    assert orphan in reap_adopted_orphans(set())
+    assert proc_state(orphan) is None
