@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import teisup
+import teisup.instances
+import teisup.rpc
 import teisup.supervision
+
+PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc]
 
 SUPERVISION_API = {
     "BRUTAL_KILL",
@@ -59,9 +65,10 @@ def test_supervision_exports_are_pinned() -> None:
         assert hasattr(teisup.supervision, name), name
 
 
-def test_public_classes_are_documented() -> None:
-    for name in teisup.supervision.__all__:
-        obj = getattr(teisup.supervision, name)
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
+def test_public_names_exist_and_classes_are_documented(package: object) -> None:
+    for name in package.__all__:  # type: ignore[attr-defined]
+        obj = getattr(package, name)
         if inspect.isclass(obj):
             assert inspect.getdoc(obj), f"{name} has no docstring"
 

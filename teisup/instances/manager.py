@@ -37,9 +37,10 @@ from ..supervision import (
 from ..supervision.errors import UnknownChildError
 from .gpus import NvmlReader, validate_gpu_id
 from .health import HealthSettings
+from .launch import MANAGER_MARKER
 from .logs import InstanceLog, LogLine
 from .ports import PortAllocator, Ports
-from .process import ProcessSpawner, reap_adopted_orphans
+from .process import ProcessSpawner, reap_adopted_orphans, sweep_leftovers
 from .runner import InstanceRunner, Probe, RunStatus
 from .spec import InstanceSpec
 
@@ -230,6 +231,11 @@ class InstanceManager:
         self.ports.release(name)
         instance.log.close()
 
+    def close(self) -> None:
+        """Close the instances' log files (after the supervisor has stopped)."""
+        for instance in self._instances.values():
+            instance.log.close()
+
     # -- reading ---------------------------------------------------------------
 
     def names(self) -> list[str]:
@@ -274,6 +280,13 @@ class InstanceManager:
     def owned_pids(self) -> set[int]:
         """Pids of the instance processes this manager waits for itself."""
         return {pid for i in self._instances.values() for pid in i.status.owned_pids}
+
+    async def sweep_leftovers(self, *, grace: float = 5.0) -> list[int]:
+        """Kill processes a previous manager with this ``manager_id`` left behind.
+
+        Run it at start-up, before any instance starts, so their ports are free.
+        """
+        return await sweep_leftovers({MANAGER_MARKER: self.manager_id}, grace=grace)
 
     async def reap_orphans(self) -> None:
         """Reap adopted orphans on every SIGCHLD, until cancelled.

@@ -57,8 +57,8 @@ class RunStatus:
     owned_pids: set[int] = field(default_factory=set)
 
 
-def describe_exit(returncode: int, log: InstanceLog, lines: int = 3) -> ExitReason:
-    """An `ExitReason` for a process that exited by itself."""
+def describe_exit(returncode: int, log: InstanceLog) -> ExitReason:
+    """An `ExitReason` for a process that exited by itself, with its last words."""
     if returncode == 0:
         return ExitReason.normal("exited with code 0")
     if returncode < 0:
@@ -69,8 +69,25 @@ def describe_exit(returncode: int, log: InstanceLog, lines: int = 3) -> ExitReas
         what = f"killed by {name}"
     else:
         what = f"exited with code {returncode}"
-    tail = " | ".join(line.message or line.text for line in log.tail(lines))
-    return ExitReason.abnormal(f"{what}; last output: {tail}" if tail else what)
+    last = last_words(log)
+    return ExitReason.abnormal(f"{what}; last output: {last}" if last else what)
+
+
+def last_words(log: InstanceLog, lines: int = 3) -> str:
+    """The last few log lines, led by the last ``Error:`` line if there is one.
+
+    TEI prints a fatal error as ``Error: <context>`` followed by a ``Caused
+    by:`` chain, so the plain tail alone can miss the line that says what went
+    wrong.
+    """
+    recent = log.tail(50)
+    texts = [(line.message or line.text).strip() for line in recent]
+    texts = [t for t in texts if t]
+    errors = [t for t in texts if t.startswith("Error:")]
+    picked = texts[-lines:]
+    if errors and errors[-1] not in picked:
+        picked = [errors[-1], *picked]
+    return " | ".join(picked)
 
 
 class InstanceRunner:
@@ -225,7 +242,7 @@ class InstanceRunner:
                 )
             elif verdict is Verdict.STARTUP_TIMEOUT:
                 await self._kill(process, exited)
-                tail = " | ".join(line.message or line.text for line in self.log.tail(3))
+                tail = last_words(self.log)
                 return ExitReason.abnormal(
                     f"not ready within {spec.startup_timeout_secs:g}s (last probe: {error})"
                     + (f"; last output: {tail}" if tail else "")

@@ -774,6 +774,8 @@ class Supervisor:
             exit = run.exit
         elif run.killed:
             exit = ExitReason.shutdown(f"{reason}; killed")
+        elif run.exit.kind is ExitKind.SHUTDOWN and run.exit.detail:
+            exit = ExitReason.shutdown(f"{reason}; {run.exit.detail}")  # the worker's account
         else:
             exit = ExitReason.shutdown(reason)
         self._settle_exit(child, exit, Trigger.TERMINATED, reason)

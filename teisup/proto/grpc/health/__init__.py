@@ -1,0 +1,1 @@
+"""Generated from protos/grpc/health/ by tools/gen_protos.py."""

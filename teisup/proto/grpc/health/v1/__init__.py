@@ -1,0 +1,1 @@
+"""Generated from protos/grpc/health/v1/ by tools/gen_protos.py."""

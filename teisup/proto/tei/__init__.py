@@ -1,0 +1,1 @@
+"""Generated from protos/tei/ by tools/gen_protos.py."""

@@ -1,0 +1,266 @@
+"""Instances end to end: real processes (the TEI test double), real sockets, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from teisup.instances import (
+    FakeNvml,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceSpec,
+    InvalidGpuId,
+    PortUnavailable,
+    RestartPolicy,
+)
+from teisup.instances.process import proc_state
+from teisup.rpc import fetch_info
+from teisup.supervision import Backoff, ChildState, RestartType
+
+from ..supervision.helpers import wait_for
+from .conftest import running_manager
+
+QUICK = RestartPolicy(backoff=Backoff(initial=0.1, maximum=1.0))
+
+
+def spec(name: str = "bge-small", **kwargs: object) -> InstanceSpec:
+    kwargs.setdefault("restart", QUICK)
+    kwargs.setdefault("stop_grace_secs", 5.0)
+    return InstanceSpec(name=name, model_id="BAAI/bge-small-en-v1.5", **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_gone(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def alive(pid: int | None) -> bool:
+    return pid is not None and proc_state(pid) not in (None, "Z")
+
+
+async def test_an_instance_runs_answers_and_stops(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                info = await manager.create(spec())
+                assert info.status == "starting"
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            info = manager.get("bge-small")
+            assert (info.status, info.restarts, info.port) == ("running", 0, 8080)
+            assert alive(info.pid)
+            assert info.pid is not None
+            answer = await fetch_info("127.0.0.1", info.port, timeout=5)
+            assert answer.model_id == "BAAI/bge-small-en-v1.5"
+            # Loopback only, the manager's own flags, and the marker variables.
+            cmdline = (await trio.Path(f"/proc/{info.pid}/cmdline").read_bytes()).split(b"\0")
+            assert cmdline[cmdline.index(b"--hostname") + 1] == b"127.0.0.1"
+            environ = (await trio.Path(f"/proc/{info.pid}/environ").read_bytes()).split(b"\0")
+            assert f"TEISUP_MANAGER_ID={manager.manager_id}".encode() in environ
+            assert b"NO_COLOR=1" in environ
+            assert os.getpgid(info.pid) == info.pid  # its own process group
+
+            # Starting a running instance is a no-op: no second process.
+            assert (await manager.start("bge-small")).pid == info.pid
+
+            stopped = await manager.stop("bge-small")
+            assert (stopped.status, stopped.pid) == ("stopped", None)
+            assert proc_state(info.pid) is None
+            assert stopped.last_exit is not None
+            assert stopped.last_exit.kind.value == "shutdown"
+            assert stopped.last_exit.detail == "terminated on request; stopped"
+            assert (await manager.stop("bge-small")).status == "stopped"
+            assert any(line.message == "Ready" for line in manager.logs("bge-small"))
+            assert (tmp_path / "bge-small.log").read_text().count("Ready") == 1
+
+
+async def test_a_crash_is_restarted_after_a_backoff(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_CRASH_AFTER": "0.3"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec())
+                first = (await wait_for(events, "bge-small", ChildState.RUNNING)).time
+                backoff = await wait_for(events, "bge-small", ChildState.BACKOFF)
+                assert "exited with code 1" in backoff.reason
+                assert "restart in 0.1s" in backoff.reason
+                again = (await wait_for(events, "bge-small", ChildState.STARTING)).time
+                assert again - backoff.time >= 0.1
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            assert again > first
+            assert manager.get("bge-small").restarts == 1
+
+
+async def test_a_model_that_cannot_load_ends_failed_with_the_reason(tmp_path: Path) -> None:
+    policy = RestartPolicy(max_restarts=2, backoff=Backoff(initial=0.05, maximum=0.1))
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_FAIL_START": "1"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(restart=policy))
+                failed = await wait_for(events, "bge-small", ChildState.FAILED)
+            info = manager.get("bge-small")
+            assert info.status == "failed"
+            assert info.restarts == 2  # three runs in all
+            assert info.last_exit is not None
+            assert "Could not download model artifacts" in info.last_exit.detail
+            assert "gave up after 3 restarts" in failed.reason
+            assert info.pid is None
+            # Starting it again is the way out of failed, with a clean history.
+            with manager.supervisor.events.subscribe() as events:
+                await manager.start("bge-small")
+                await wait_for(events, "bge-small", ChildState.BACKOFF)
+            assert manager.get("bge-small").restarts_in_window == 1
+
+
+async def test_a_transient_instance_that_exits_0_stays_stopped(tmp_path: Path) -> None:
+    env = {"FAKE_TEI_CRASH_AFTER": "0.2", "FAKE_TEI_EXIT_CODE": "0"}
+    transient = RestartPolicy(type=RestartType.TRANSIENT, backoff=Backoff(initial=0.1))
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env=env) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(restart=transient))
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+                event = await wait_for(events, "bge-small", ChildState.STOPPED)
+            # A probe may catch it closing its socket just before it exits.
+            assert event.old in (ChildState.RUNNING, ChildState.UNHEALTHY)
+            info = manager.get("bge-small")
+            assert (info.status, info.restarts) == ("stopped", 0)
+            assert info.last_exit is not None
+            assert info.last_exit.detail == "exited with code 0"
+
+
+async def test_a_hung_process_is_found_unhealthy_and_restarted(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec())
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+                hung = manager.get("bge-small").pid
+                assert hung is not None
+                os.kill(hung, signal.SIGSTOP)  # alive, but answers nothing
+                unhealthy = await wait_for(events, "bge-small", ChildState.UNHEALTHY)
+                assert "health check failed (1)" in unhealthy.reason
+                backoff = await wait_for(events, "bge-small", ChildState.BACKOFF)
+                assert "unhealthy: 2 consecutive health checks failed" in backoff.reason
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            assert proc_state(hung) is None
+            fresh = manager.get("bge-small")
+            assert fresh.pid != hung
+            assert alive(fresh.pid)
+
+
+async def test_an_instance_ignoring_sigterm_is_killed_after_its_grace(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_IGNORE_SIGTERM": "1"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(stop_grace_secs=0.5))
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            pid = manager.get("bge-small").pid
+            assert pid is not None
+            began = trio.current_time()
+            info = await manager.stop("bge-small")
+            assert trio.current_time() - began >= 0.5
+            assert info.last_exit is not None
+            assert info.last_exit.detail == "terminated on request; killed after 0.5s grace"
+            assert proc_state(pid) is None
+
+
+async def test_a_grandchild_dies_with_its_parent(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_GRANDCHILD": "1"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec())
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            [grandchild] = [
+                int(m.group(1))
+                for line in manager.logs("bge-small")
+                if (m := re.fullmatch(r"grandchild (\d+)", line.message or ""))
+            ]
+            assert alive(grandchild)
+            await manager.stop("bge-small")
+            await wait_gone(grandchild)
+            assert not alive(grandchild)
+
+
+async def test_bad_requests_are_refused_and_leave_nothing_behind(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, gpus=FakeNvml([])) as manager:
+            with socket.socket() as taken:
+                taken.bind(("0.0.0.0", 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                with pytest.raises(PortUnavailable, match=str(port)):
+                    await manager.create(spec(port=port))
+            with pytest.raises(InvalidGpuId, match="no GPU"):
+                await manager.create(spec(gpu_id=0))
+            assert manager.names() == []
+            await manager.create(spec(), start=False)
+            with pytest.raises(InstanceExists, match="bge-small"):
+                await manager.create(spec())
+            with pytest.raises(InstanceNotFound, match="nope"):
+                await manager.start("nope")
+            assert manager.get("bge-small").status == "stopped"
+            await manager.delete("bge-small")
+            assert manager.names() == []
+
+
+async def test_an_out_of_range_gpu_is_refused_naming_the_valid_ones(tmp_path: Path) -> None:
+    async with running_manager(tmp_path, gpus=FakeNvml.with_gpus(2)) as manager:
+        with pytest.raises(InvalidGpuId, match="5"):
+            await manager.create(spec(gpu_id=5), start=False)
+        info = await manager.create(spec(gpu_id=1), start=False)
+        assert info.gpu_id == 1
+
+
+async def test_kill_9_of_the_manager_leaves_no_instance_and_the_next_one_sweeps(
+    tmp_path: Path,
+) -> None:
+    manager_id = f"test-kill9-{os.getpid()}"
+    script = Path(__file__).with_name("orphan_check_manager.py")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, str(script), manager_id, str(tmp_path)],
+                    stdout=subprocess.PIPE,
+                    check=False,
+                )
+            )
+            assert proc.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the manager exited before its instance ran"
+                line += chunk
+            pids = json.loads(line)
+            assert alive(pids["pid"])
+            assert alive(pids["grandchild"])
+            proc.kill()  # SIGKILL: no handler, no cleanup
+            assert await proc.wait() == -signal.SIGKILL
+
+        # PDEATHSIG: the instance dies with its manager, even from SIGKILL.
+        await wait_gone(pids["pid"])
+        assert not alive(pids["pid"])
+        # Its own child had no such arrangement and is orphaned, still marked.
+        assert alive(pids["grandchild"])
+        async with running_manager(tmp_path, manager_id=manager_id) as successor:
+            swept = await successor.sweep_leftovers()
+        assert swept == [pids["grandchild"]]
+        await wait_gone(pids["grandchild"])
+        assert not alive(pids["grandchild"])
