@@ -23,6 +23,7 @@ from teisup.instances import (
     InvalidGpuId,
     PortUnavailable,
     RestartPolicy,
+    resolve_launcher,
 )
 from teisup.instances.process import proc_state
 from teisup.rpc import fetch_info
@@ -264,3 +265,46 @@ async def test_kill_9_of_the_manager_leaves_no_instance_and_the_next_one_sweeps(
         assert swept == [pids["grandchild"]]
         await wait_gone(pids["grandchild"])
         assert not alive(pids["grandchild"])
+
+
+async def test_an_instance_not_ready_within_its_budget_is_restarted(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_START_DELAY": "60"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(startup_timeout_secs=0.5))
+                backoff = await wait_for(events, "bge-small", ChildState.BACKOFF)
+            assert "not ready within 0.5s" in backoff.reason
+            assert backoff.old is ChildState.STARTING  # never reported ready
+
+
+async def test_delete_stops_the_process_and_frees_its_ports(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                info = await manager.create(spec(port=8150, prometheus_port=9150))
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            pid = manager.get("bge-small").pid
+            await manager.delete("bge-small")
+            assert pid is not None
+            assert proc_state(pid) is None
+            assert manager.names() == []
+            with pytest.raises(InstanceNotFound):
+                manager.get("bge-small")
+            again = await manager.create(
+                spec("other", port=info.port, prometheus_port=9150), start=False
+            )
+            assert again.port == 8150
+
+
+def test_the_launcher_is_tei_when_found_else_the_embedded_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = tmp_path / "text-embeddings-router"
+    router.write_text("#!/bin/sh\n")
+    router.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_launcher(None) == [str(router)]
+    assert resolve_launcher(str(router)) == [str(router)]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert resolve_launcher(None) == [sys.executable, "-m", "teisup.embedded"]
+    assert resolve_launcher("/opt/tei/missing") == [sys.executable, "-m", "teisup.embedded"]
