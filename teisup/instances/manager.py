@@ -42,7 +42,7 @@ from .logs import InstanceLog, LogLine
 from .ports import PortAllocator, Ports
 from .process import ProcessSpawner, reap_adopted_orphans, sweep_leftovers
 from .runner import InstanceRunner, Probe, RunStatus
-from .spec import InstanceSpec
+from .spec import InstanceSpec, RestartPolicy
 
 __all__ = [
     "InstanceExists",
@@ -101,6 +101,11 @@ class _Instance:
     log: InstanceLog
     created_at: str
     status: RunStatus = field(default_factory=RunStatus)
+    #: What the user asked for last: "running" or "stopped". Restored after a
+    #: manager restart; a failed instance still wants to run.
+    desired: str = "running"
+    #: Restarts before the current manager process (from the state file).
+    earlier_restarts: int = 0
 
 
 def resolve_launcher(tei_binary_path: str | None) -> list[str]:
@@ -143,6 +148,7 @@ class InstanceManager:
         log_dir: str | os.PathLike[str] | None = None,
         max_instances: int | None = None,
         base_env: Mapping[str, str] | None = None,
+        default_restart: RestartPolicy | None = None,
     ) -> None:
         self.launcher = list(launcher)
         self.manager_id = manager_id
@@ -154,6 +160,7 @@ class InstanceManager:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.max_instances = max_instances
         self.base_env = dict(os.environ if base_env is None else base_env)
+        self.default_restart = default_restart or RestartPolicy()
         self.supervisor = Supervisor("instances", intensity=None, max_children=max_instances)
         self._instances: dict[str, _Instance] = {}
 
@@ -177,7 +184,8 @@ class InstanceManager:
         ports = self.ports.allocate(spec.name, spec.port or None, spec.prometheus_port or None)
         log = InstanceLog(spec.name, directory=self.log_dir)
         created = _rfc3339(time.time())
-        self._instances[spec.name] = _Instance(spec, ports, log, created)
+        desired = "running" if start else "stopped"
+        self._instances[spec.name] = _Instance(spec, ports, log, created, desired=desired)
         if start:
             try:
                 await self.start(spec.name)
@@ -192,6 +200,7 @@ class InstanceManager:
         A ``failed`` or ``stopped`` instance starts with a clean restart history.
         """
         instance = self._require(name)
+        instance.desired = "running"
         state = self._state(name)
         if state is None:
             await self.supervisor.start_child(self._child_spec(instance))
@@ -202,7 +211,7 @@ class InstanceManager:
 
     async def stop(self, name: str) -> InstanceInfo:
         """Stop an instance (SIGTERM, grace, SIGKILL); a no-op if it is stopped."""
-        self._require(name)
+        self._require(name).desired = "stopped"
         if self._state(name) is not None:
             await self.supervisor.terminate_child(name)
         return self.get(name)
@@ -210,6 +219,7 @@ class InstanceManager:
     async def restart(self, name: str) -> InstanceInfo:
         """Stop the instance if it runs, then start it with a clean history."""
         instance = self._require(name)
+        instance.desired = "running"
         if self._state(name) is None:
             await self.supervisor.start_child(self._child_spec(instance))
         else:
@@ -220,6 +230,45 @@ class InstanceManager:
         """Stop an instance and forget it, releasing its ports."""
         self._require(name)
         await self._forget(name)
+
+    def register(
+        self,
+        spec: InstanceSpec,
+        *,
+        port: int,
+        prometheus_port: int,
+        created_at: str | None,
+        desired: str,
+        restarts: int = 0,
+    ) -> None:
+        """Take back an instance from a state snapshot, keeping its ports.
+
+        Nothing starts here: call `start` for the ones whose ``desired`` is
+        running (the service does, in the background).
+        """
+        if spec.name in self._instances:
+            raise InstanceExists(f"instance {spec.name!r} already exists")
+        ports = self.ports.reserve(spec.name, port, prometheus_port)
+        log = InstanceLog(spec.name, directory=self.log_dir)
+        self._instances[spec.name] = _Instance(
+            spec,
+            ports,
+            log,
+            created_at or _rfc3339(time.time()),
+            desired=desired,
+            earlier_restarts=restarts,
+        )
+
+    def desired_state(self, name: str) -> str:
+        return self._require(name).desired
+
+    def records(self) -> list[tuple[InstanceSpec, Ports, str, str, int]]:
+        """Per instance, what a snapshot keeps: spec, ports, created_at,
+        desired state, restarts so far."""
+        return [
+            (i.spec, i.ports, i.created_at, i.desired, self.get(n).restarts)
+            for n, i in sorted(self._instances.items())
+        ]
 
     async def _forget(self, name: str) -> None:
         if self._state(name) is not None:
@@ -253,14 +302,14 @@ class InstanceManager:
             pid=node.pid if node else None,
             created_at=instance.created_at,
             uptime_secs=node.uptime if node else None,
-            restarts=max(0, status.runs - 1),
+            restarts=instance.earlier_restarts + max(0, status.runs - 1),
             health_check_failures=status.health_check_failures,
             last_health_check=(
                 _rfc3339(status.last_health_check) if status.last_health_check else None
             ),
             gpu_id=spec.gpu_id,
             prometheus_port=instance.ports.prometheus_port,
-            restart_policy=spec.restart.type.value,
+            restart_policy=self.restart_policy(name).type.value,
             restarts_in_window=node.restarts_in_window if node else 0,
             next_restart_in=node.next_restart_in if node else None,
             last_exit=node.last_exit if node else None,
@@ -273,6 +322,10 @@ class InstanceManager:
 
     def spec(self, name: str) -> InstanceSpec:
         return self._require(name).spec
+
+    def restart_policy(self, name: str) -> RestartPolicy:
+        """The instance's own restart policy, or the manager's default."""
+        return self._require(name).spec.restart or self.default_restart
 
     def logs(self, name: str, start: int | None = None, end: int | None = None) -> list[LogLine]:
         return self._require(name).log.lines(start, end)
@@ -326,12 +379,13 @@ class InstanceManager:
             base_env=self.base_env,
             status=instance.status,
         )
+        policy = spec.restart or self.default_restart
         return ChildSpec(
             spec.name,
             runner,
-            restart=RestartType(spec.restart.type),
+            restart=RestartType(policy.type),
             shutdown=spec.stop_grace_secs + _SHUTDOWN_MARGIN,
-            backoff=spec.restart.backoff,
-            intensity=spec.restart.intensity,
+            backoff=policy.backoff,
+            intensity=policy.intensity,
             await_ready=False,
         )

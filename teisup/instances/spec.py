@@ -97,7 +97,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     extra_args: list[str] = msgspec.field(default_factory=list)
     startup_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     stop_grace_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
-    restart: RestartPolicy = RestartPolicy()
+    #: None: the manager's default restart policy.
+    restart: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
         # Meta constraints only run while decoding; construction in code is

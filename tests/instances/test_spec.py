@@ -13,9 +13,10 @@ def test_defaults_match_tei_manager() -> None:
     spec = spec_from_dict({"name": "bge-small", "model_id": "BAAI/bge-small-en-v1.5"})
     assert (spec.port, spec.gpu_id, spec.pooling) == (None, None, None)
     assert (spec.max_batch_tokens, spec.max_concurrent_requests) == (16384, 512)
-    assert spec.restart.type is RestartType.PERMANENT
-    assert spec.restart.intensity.max_restarts == 5
-    assert spec.restart.intensity.period == 600.0
+    assert spec.restart is None  # the manager's default applies
+    policy = RestartPolicy()
+    assert policy.type is RestartType.PERMANENT
+    assert (policy.intensity.max_restarts, policy.intensity.period) == (5, 600.0)
 
 
 def test_a_full_spec_round_trips_through_json_and_toml() -> None:

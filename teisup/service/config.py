@@ -1,0 +1,244 @@
+"""The manager's configuration: TOML file, environment, flags, in that order of
+increasing precedence, decoded and validated with msgspec.
+
+The keys and environment variables are tei-manager's, so its config files and
+deployments keep working; teisup's additions use ``TEISUP_*``. Unlike
+tei-manager, an unknown key is an error (a typo must not silently turn a
+setting off), and every error names the key and, for the file, its line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from ..instances.spec import InstanceSpec, RestartPolicy
+
+__all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says where and why."""
+
+
+def default_state_file() -> str:
+    """``$XDG_STATE_HOME/teisup/state.toml`` (``~/.local/state/...``).
+
+    tei-manager's default, ``/data/tei-manager-state.toml``, is what the
+    Docker image sets through ``TEI_MANAGER_STATE_FILE``; outside a container
+    ``/data`` is rarely writable.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "teisup", "state.toml")
+
+
+class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """Every setting of the manager, with tei-manager's key names."""
+
+    api_port: Port = 9000
+    grpc_port: Port = 9001
+    grpc_enabled: bool = True
+    #: The address the REST API and the multiplexer listen on.
+    bind_host: str = "0.0.0.0"
+    state_file: str = msgspec.field(default_factory=default_state_file)
+    #: Instance log files; default: ``logs/`` next to the state file.
+    log_dir: str | None = None
+    tei_binary_path: str | None = None
+    health_check_interval_secs: Seconds = 10.0
+    health_check_timeout_secs: Seconds = 5.0
+    max_failures_before_restart: Annotated[int, msgspec.Meta(ge=1)] = 3
+    #: Start-up budget of an instance: download, load and warm-up.
+    startup_timeout_secs: Seconds = 600.0
+    #: Grace between SIGTERM and SIGKILL when an instance stops.
+    graceful_shutdown_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    #: Bring instances back in their desired states at start-up.
+    auto_restore_on_restart: bool = True
+    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    instance_port_start: Port = 8080
+    #: Exclusive, as in tei-manager.
+    instance_port_end: Port = 8180
+    prometheus_port_start: Port = 9100
+    prometheus_port_end: Port = 9200
+    #: Applies to instances created without a ``restart`` of their own.
+    default_restart: RestartPolicy = RestartPolicy()
+    #: Leftovers of a killed manager are found by this id; default: derived
+    #: from the state file's path, so a restart on the same state finds them.
+    manager_id: str | None = None
+    instances: list[InstanceSpec] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.grpc_enabled and self.api_port == self.grpc_port:
+            problems.append(f"api_port and grpc_port are both {self.api_port}")
+        if self.instance_port_end <= self.instance_port_start:
+            problems.append("instance_port_end must be greater than instance_port_start")
+        if self.prometheus_port_end <= self.prometheus_port_start:
+            problems.append("prometheus_port_end must be greater than prometheus_port_start")
+        if self.max_instances is not None:
+            size = self.instance_port_end - self.instance_port_start
+            if size < self.max_instances:
+                problems.append(
+                    f"the instance port range holds {size} ports, fewer than max_instances "
+                    f"({self.max_instances})"
+                )
+        names: set[str] = set()
+        for index, seed in enumerate(self.instances):
+            where = f"instances[{index}] ({seed.name!r})"
+            if seed.name in names:
+                problems.append(f"{where}: duplicate instance name")
+            names.add(seed.name)
+            for field in ("port", "prometheus_port"):
+                value = getattr(seed, field)
+                if value and value in self.manager_ports():
+                    problems.append(f"{where}: {field} {value} is one of the manager's own ports")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def manager_ports(self) -> dict[int, str]:
+        ports = {self.api_port: "the manager's REST API port"}
+        if self.grpc_enabled:
+            ports[self.grpc_port] = "the manager's gRPC port"
+        return ports
+
+    @property
+    def effective_log_dir(self) -> str:
+        return self.log_dir or os.path.join(os.path.dirname(self.state_file) or ".", "logs")
+
+    @property
+    def effective_manager_id(self) -> str:
+        if self.manager_id:
+            return self.manager_id
+        digest = hashlib.sha256(os.path.abspath(self.state_file).encode()).hexdigest()
+        return f"teisup-{digest[:12]}"
+
+
+#: Environment variable -> config key. tei-manager's names first.
+ENVIRONMENT = {
+    "TEI_MANAGER_API_PORT": "api_port",
+    "TEI_MANAGER_GRPC_PORT": "grpc_port",
+    "TEI_MANAGER_GRPC_ENABLED": "grpc_enabled",
+    "TEI_MANAGER_STATE_FILE": "state_file",
+    "TEI_BINARY_PATH": "tei_binary_path",
+    "TEI_MANAGER_HEALTH_CHECK_INTERVAL": "health_check_interval_secs",
+    "TEI_MANAGER_LOG_DIR": "log_dir",
+    "TEISUP_BIND_HOST": "bind_host",
+    "TEISUP_MAX_INSTANCES": "max_instances",
+    "TEISUP_MANAGER_ID": "manager_id",
+}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ManagerConfig:
+    """Defaults, then the TOML file at ``path``, then ``environ``, then ``overrides``.
+
+    Raises `ConfigError` naming the key (and the line, for the file).
+    """
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        try:
+            source = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(source)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    env = os.environ if environ is None else environ
+    from_env: dict[str, Any] = {}
+    for variable, key in ENVIRONMENT.items():
+        value = env.get(variable)
+        if value is not None and value != "":
+            from_env[key] = value
+    try:
+        # Environment values are strings: msgspec coerces them (strict=False),
+        # and only them, so a file that says port = "9000" is still an error.
+        typed = msgspec.convert(from_env, _EnvView, strict=False)
+        env_part = {key: getattr(typed, key) for key in from_env}
+        merged = {**data, **env_part, **(overrides or {})}
+        return msgspec.convert(merged, ManagerConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, path, source, from_env)) from None
+
+
+class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The environment-settable keys with their types, for coercing strings."""
+
+    api_port: Port | None = None
+    grpc_port: Port | None = None
+    grpc_enabled: bool | None = None
+    state_file: str | None = None
+    tei_binary_path: str | None = None
+    health_check_interval_secs: Seconds | None = None
+    log_dir: str | None = None
+    bind_host: str | None = None
+    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    manager_id: str | None = None
+
+
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _explain(
+    exc: msgspec.ValidationError,
+    path: str | os.PathLike[str] | None,
+    source: str,
+    from_env: Mapping[str, str],
+) -> str:
+    message = str(exc)
+    keys: list[str | int] = []
+    if m := _PATH.search(message):
+        for part in re.findall(r"\.([\w-]+)|\[(\d+)\]", m.group(1)):
+            keys.append(part[0] if part[0] else int(part[1]))
+    if m := _UNKNOWN.search(message):
+        keys.append(m.group(1))
+    top = keys[0] if keys else None
+    env_names = [v for v, k in ENVIRONMENT.items() if k == top and k in from_env]
+    if env_names:
+        return f"environment variable {env_names[0]}: {message}"
+    if path is None:
+        return f"configuration: {message}"
+    line = _find_line(source, keys)
+    return f"config file {path}" + (f", line {line}" if line else "") + f": {message}"
+
+
+def _find_line(source: str, keys: list[str | int]) -> int | None:
+    """Best effort: the line where the last key of ``keys`` is set."""
+    lines = source.splitlines()
+    start = 0
+    # Narrow to the n-th [[table]] when the path goes through an array of tables.
+    for i, key in enumerate(keys):
+        if isinstance(key, int) and i > 0 and isinstance(keys[i - 1], str):
+            header = re.compile(rf"^\s*\[\[\s*{re.escape(str(keys[i - 1]))}\s*\]\]")
+            seen = -1
+            for number, text in enumerate(lines):
+                if header.match(text):
+                    seen += 1
+                    if seen == key:
+                        start = number
+                        break
+    names = [k for k in keys if isinstance(k, str)]
+    if not names:
+        return None
+    target = re.compile(rf"^\s*\"?{re.escape(names[-1])}\"?\s*=|^\s*\[+\s*{re.escape(names[-1])}")
+    for number in range(start, len(lines)):
+        if target.match(lines[number]):
+            return number + 1
+    return None

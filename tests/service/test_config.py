@@ -1,0 +1,114 @@
+"""Configuration: file, environment and flags; errors that say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from teisup.service.config import ConfigError, ManagerConfig, load_config
+
+TEI_MANAGER_EXAMPLE = """\
+api_port = 9000
+grpc_port = 9001
+state_file = "/data/state.toml"
+health_check_interval_secs = 30
+max_instances = 10
+
+# Seed instances
+[[instances]]
+name = "bge-small"
+model_id = "BAAI/bge-small-en-v1.5"
+gpu_id = 0
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "teisup.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_product_brief_example_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, TEI_MANAGER_EXAMPLE), environ={})
+    assert (config.api_port, config.grpc_port, config.max_instances) == (9000, 9001, 10)
+    assert config.health_check_interval_secs == 30
+    [seed] = config.instances
+    assert (seed.name, seed.port, seed.gpu_id) == ("bge-small", None, 0)  # port assigned later
+
+
+def test_precedence_is_flags_then_environment_then_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "api_port = 9100\ngrpc_port = 9101\n")
+    env = {"TEI_MANAGER_API_PORT": "9200", "TEI_MANAGER_GRPC_PORT": "9201"}
+    config = load_config(path, environ=env, overrides={"api_port": 9300})
+    assert (config.api_port, config.grpc_port) == (9300, 9201)
+    assert load_config(None, environ={}).api_port == 9000
+
+
+def test_environment_names_are_tei_managers(tmp_path: Path) -> None:
+    env = {
+        "TEI_MANAGER_STATE_FILE": str(tmp_path / "s.toml"),
+        "TEI_BINARY_PATH": "/usr/local/bin/text-embeddings-router",
+        "TEI_MANAGER_HEALTH_CHECK_INTERVAL": "7",
+        "TEI_MANAGER_LOG_DIR": "/var/log/tei",
+        "TEI_MANAGER_GRPC_ENABLED": "false",
+        "TEISUP_MAX_INSTANCES": "4",
+    }
+    config = load_config(None, environ=env)
+    assert config.state_file == str(tmp_path / "s.toml")
+    assert config.tei_binary_path == "/usr/local/bin/text-embeddings-router"
+    assert config.health_check_interval_secs == 7.0
+    assert config.effective_log_dir == "/var/log/tei"
+    assert config.grpc_enabled is False
+    assert config.max_instances == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("api_port = 9000\napi_prot = 9001\n", "line 2: Object contains unknown field `api_prot`"),
+        ('max_instances = 2\nhealth_check_interval_secs = "often"\n', "line 2"),
+        ("api_port = 0\n", "line 1"),
+        (
+            '[[instances]]\nname = "a"\nmodel_id = "m"\n\n[[instances]]\nname = "b"\n'
+            'model_id = "m"\nport = "x"\n',
+            "line 8",
+        ),
+        ("api_port = 9000\ngrpc_port = 9000\n", "api_port and grpc_port are both 9000"),
+        ('[[instances]]\nname = "a"\nmodel_id = "m"\nport = 9000\n', "manager's own ports"),
+        (
+            '[[instances]]\nname = "a"\nmodel_id = "m"\n[[instances]]\nname = "a"\nmodel_id = "n"\n',
+            "duplicate instance name",
+        ),
+        ("instance_port_start = 9000\ninstance_port_end = 8000\n", "instance_port_end"),
+        ("api_port = = 1\n", "line 1"),
+    ],
+)
+def test_errors_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="teisup.toml") as caught:
+        load_config(path, environ={})
+    assert message in str(caught.value)
+
+
+def test_a_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="TEI_MANAGER_API_PORT"):
+        load_config(None, environ={"TEI_MANAGER_API_PORT": "ninety"})
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_the_manager_id_follows_the_state_file(tmp_path: Path) -> None:
+    a = ManagerConfig(state_file=str(tmp_path / "a.toml"))
+    assert (
+        a.effective_manager_id
+        == ManagerConfig(state_file=str(tmp_path / "a.toml")).effective_manager_id
+    )
+    assert (
+        a.effective_manager_id
+        != ManagerConfig(state_file=str(tmp_path / "b.toml")).effective_manager_id
+    )
+    assert ManagerConfig(manager_id="fixed").effective_manager_id == "fixed"
