@@ -77,7 +77,8 @@ def test_environment_names_are_tei_managers(tmp_path: Path) -> None:
         ("api_port = 9000\ngrpc_port = 9000\n", "api_port and grpc_port are both 9000"),
         ('[[instances]]\nname = "a"\nmodel_id = "m"\nport = 9000\n', "manager's own ports"),
         (
-            '[[instances]]\nname = "a"\nmodel_id = "m"\n[[instances]]\nname = "a"\nmodel_id = "n"\n',
+            '[[instances]]\nname = "a"\nmodel_id = "m"\n'
+            '[[instances]]\nname = "a"\nmodel_id = "n"\n',
             "duplicate instance name",
         ),
         ("instance_port_start = 9000\ninstance_port_end = 8000\n", "instance_port_end"),
@@ -86,7 +87,7 @@ def test_environment_names_are_tei_managers(tmp_path: Path) -> None:
 )
 def test_errors_name_the_key_and_line(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(ConfigError, match="teisup.toml") as caught:
+    with pytest.raises(ConfigError, match=r"teisup\.toml") as caught:
         load_config(path, environ={})
     assert message in str(caught.value)
 
