@@ -21,7 +21,9 @@ __all__ = [
 ]
 
 #: Marker variables on every child, so leftovers of a dead manager can be found.
-MANAGER_MARKER = "TEISUP_MANAGER_ID"
+#: Deliberately not the name of any setting (``TEISUP_MANAGER_ID`` configures
+#: the id), so a process that merely configures a manager is never swept.
+MANAGER_MARKER = "TEISUP_OWNED_BY"
 INSTANCE_MARKER = "TEISUP_INSTANCE"
 
 #: The router flags' environment names (clap ``env``), TEI 1.8.3.
@@ -96,7 +98,11 @@ def build_argv(
 def build_env(base: Mapping[str, str], spec: InstanceSpec, manager_id: str) -> dict[str, str]:
     """The child's environment: ``base`` minus the router's flag variables,
     plus ``NO_COLOR``, the GPU pin and the marker variables."""
-    env = {k: v for k, v in base.items() if k not in SCRUBBED_VARIABLES}
+    env = {
+        k: v
+        for k, v in base.items()
+        if k not in SCRUBBED_VARIABLES and k not in (MANAGER_MARKER, INSTANCE_MARKER)
+    }
     env["NO_COLOR"] = "1"
     # Python children (the embedded backend) would otherwise block-buffer their
     # logs on a pipe and show nothing until they exit.

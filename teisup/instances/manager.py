@@ -20,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +37,11 @@ from ..supervision import (
 from ..supervision.errors import UnknownChildError
 from .gpus import NvmlReader, validate_gpu_id
 from .health import HealthSettings
-from .launch import MANAGER_MARKER
+from .launch import INSTANCE_MARKER, MANAGER_MARKER
 from .logs import InstanceLog, LogLine
 from .ports import PortAllocator, Ports
 from .process import ProcessSpawner, reap_adopted_orphans, sweep_leftovers
-from .runner import InstanceRunner, Probe, RunStatus
+from .runner import InstanceRunner, Probe, ProbeListener, RunStatus
 from .spec import InstanceSpec, RestartPolicy
 
 __all__ = [
@@ -92,6 +92,8 @@ class InstanceInfo(msgspec.Struct, frozen=True):
     next_restart_in: float | None
     last_exit: ExitReason | None
     last_error: str | None
+    desired: str
+    spec: InstanceSpec
 
 
 @dataclass
@@ -149,6 +151,7 @@ class InstanceManager:
         max_instances: int | None = None,
         base_env: Mapping[str, str] | None = None,
         default_restart: RestartPolicy | None = None,
+        on_probe: ProbeListener | None = None,
     ) -> None:
         self.launcher = list(launcher)
         self.manager_id = manager_id
@@ -161,8 +164,13 @@ class InstanceManager:
         self.max_instances = max_instances
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.default_restart = default_restart or RestartPolicy()
+        self.on_probe = on_probe
         self.supervisor = Supervisor("instances", intensity=None, max_children=max_instances)
         self._instances: dict[str, _Instance] = {}
+        # Lifecycle calls are serial and run to completion even if their caller
+        # goes away: a check and the action it decides on never interleave with
+        # another call, and a cancelled create never leaves half an instance.
+        self._lock = trio.Lock()
 
     # -- lifecycle calls ----------------------------------------------------------
 
@@ -172,6 +180,16 @@ class InstanceManager:
         Raises `InstanceExists`, `MaxInstancesReached`, `InvalidGpuId` or a
         `PortError` before anything is started; nothing is kept on error.
         """
+        async with self._serial():
+            return await self._create(spec, start)
+
+    @contextlib.asynccontextmanager
+    async def _serial(self) -> AsyncIterator[None]:
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                yield
+
+    async def _create(self, spec: InstanceSpec, start: bool) -> InstanceInfo:
         if spec.name in self._instances:
             raise InstanceExists(f"instance {spec.name!r} already exists")
         if self.max_instances is not None and len(self._instances) >= self.max_instances:
@@ -188,7 +206,7 @@ class InstanceManager:
         self._instances[spec.name] = _Instance(spec, ports, log, created, desired=desired)
         if start:
             try:
-                await self.start(spec.name)
+                await self._start(spec.name)
             except BaseException:
                 await self._forget(spec.name)
                 raise
@@ -199,37 +217,47 @@ class InstanceManager:
 
         A ``failed`` or ``stopped`` instance starts with a clean restart history.
         """
+        async with self._serial():
+            return await self._start(name)
+
+    async def _start(self, name: str) -> InstanceInfo:
         instance = self._require(name)
         instance.desired = "running"
         state = self._state(name)
         if state is None:
+            instance.status.start_requested = True
             await self.supervisor.start_child(self._child_spec(instance))
-        elif state in (ChildState.STOPPED, ChildState.FAILED):
+        elif state in (ChildState.STOPPED, ChildState.FAILED, ChildState.STOPPING):
+            instance.status.start_requested = True
             await self.supervisor.restart_child(name)
-        # starting, running, unhealthy, backoff, stopping: already on its way.
+        # starting, running, unhealthy, backoff: already on its way.
         return self.get(name)
 
     async def stop(self, name: str) -> InstanceInfo:
         """Stop an instance (SIGTERM, grace, SIGKILL); a no-op if it is stopped."""
-        self._require(name).desired = "stopped"
-        if self._state(name) is not None:
-            await self.supervisor.terminate_child(name)
-        return self.get(name)
+        async with self._serial():
+            self._require(name).desired = "stopped"
+            if self._state(name) is not None:
+                await self.supervisor.terminate_child(name)
+            return self.get(name)
 
     async def restart(self, name: str) -> InstanceInfo:
         """Stop the instance if it runs, then start it with a clean history."""
-        instance = self._require(name)
-        instance.desired = "running"
-        if self._state(name) is None:
-            await self.supervisor.start_child(self._child_spec(instance))
-        else:
-            await self.supervisor.restart_child(name)
-        return self.get(name)
+        async with self._serial():
+            instance = self._require(name)
+            instance.desired = "running"
+            instance.status.start_requested = True
+            if self._state(name) is None:
+                await self.supervisor.start_child(self._child_spec(instance))
+            else:
+                await self.supervisor.restart_child(name)
+            return self.get(name)
 
     async def delete(self, name: str) -> None:
         """Stop an instance and forget it, releasing its ports."""
-        self._require(name)
-        await self._forget(name)
+        async with self._serial():
+            self._require(name)
+            await self._forget(name)
 
     def register(
         self,
@@ -302,7 +330,7 @@ class InstanceManager:
             pid=node.pid if node else None,
             created_at=instance.created_at,
             uptime_secs=node.uptime if node else None,
-            restarts=instance.earlier_restarts + max(0, status.runs - 1),
+            restarts=instance.earlier_restarts + status.restarts,
             health_check_failures=status.health_check_failures,
             last_health_check=(
                 _rfc3339(status.last_health_check) if status.last_health_check else None
@@ -312,8 +340,10 @@ class InstanceManager:
             restart_policy=self.restart_policy(name).type.value,
             restarts_in_window=node.restarts_in_window if node else 0,
             next_restart_in=node.next_restart_in if node else None,
-            last_exit=node.last_exit if node else None,
+            last_exit=node.last_exit if node and node.last_exit else status.last_exit,
             last_error=status.last_error or None,
+            desired=instance.desired,
+            spec=spec,
         )
 
     def all(self) -> list[InstanceInfo]:
@@ -332,14 +362,17 @@ class InstanceManager:
 
     def owned_pids(self) -> set[int]:
         """Pids of the instance processes this manager waits for itself."""
-        return {pid for i in self._instances.values() for pid in i.status.owned_pids}
+        return self.spawner.owned_pids()
 
     async def sweep_leftovers(self, *, grace: float = 5.0) -> list[int]:
         """Kill processes a previous manager with this ``manager_id`` left behind.
 
         Run it at start-up, before any instance starts, so their ports are free.
         """
-        return await sweep_leftovers({MANAGER_MARKER: self.manager_id}, grace=grace)
+        # Both markers: only processes started as one of our instances qualify.
+        return await sweep_leftovers(
+            {MANAGER_MARKER: self.manager_id}, required=(INSTANCE_MARKER,), grace=grace
+        )
 
     async def reap_orphans(self) -> None:
         """Reap adopted orphans on every SIGCHLD, until cancelled.
@@ -378,6 +411,7 @@ class InstanceManager:
             manager_id=self.manager_id,
             base_env=self.base_env,
             status=instance.status,
+            on_probe=self.on_probe,
         )
         policy = spec.restart or self.default_restart
         return ChildSpec(

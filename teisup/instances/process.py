@@ -87,6 +87,15 @@ class ProcessSpawner:
     def __init__(self) -> None:
         self._requests: queue.SimpleQueue[_SpawnRequest | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def owned_pids(self) -> set[int]:
+        """Pids of spawned children not reaped yet: an orphan reaper must leave
+        them to their owners, or it would steal their exit status."""
+        with self._lock:
+            self._children = [p for p in self._children if p.returncode is None]
+            return {p.pid for p in self._children}
 
     async def __aenter__(self) -> ProcessSpawner:
         self._thread = threading.Thread(target=self._serve, name="teisup-spawner", daemon=True)
@@ -115,6 +124,10 @@ class ProcessSpawner:
                 )
             except BaseException as exc:  # reported to the caller, never lost here
                 request.error = exc
+            else:
+                # Registered before anyone is told, so no reaper can race us.
+                with self._lock:
+                    self._children.append(request.process)
             try:
                 request.token.run_sync_soon(request.done.set)
             except trio.RunFinishedError:
@@ -231,58 +244,73 @@ def _environ(pid: int) -> dict[str, str]:
     return env
 
 
-def find_marked_processes(markers: Mapping[str, str]) -> list[int]:
-    """Live (non-zombie) processes whose environment holds every marker."""
+def _ancestors() -> set[int]:
+    found = set()
+    pid: int | None = os.getpid()
+    while pid and pid not in found:
+        found.add(pid)
+        pid = _parent_of(pid)
+    return found
+
+
+def find_marked_processes(markers: Mapping[str, str], *, required: Sequence[str] = ()) -> list[int]:
+    """Live (non-zombie) processes whose environment holds every marker (and
+    every ``required`` name), never this process or one of its ancestors."""
     found = []
-    me = os.getpid()
+    excluded = _ancestors()
     for pid in _pids():
-        if pid == me:
+        if pid in excluded:
             continue
         env = _environ(pid)
-        if env and all(env.get(k) == v for k, v in markers.items()):
-            state = proc_state(pid)
-            if state is not None and state != "Z":
-                found.append(pid)
+        if not env or any(env.get(k) != v for k, v in markers.items()):
+            continue
+        if any(name not in env for name in required):
+            continue
+        if _alive(pid):
+            found.append(pid)
     return sorted(found)
 
 
-async def sweep_leftovers(markers: Mapping[str, str], *, grace: float = 5.0) -> list[int]:
+async def sweep_leftovers(
+    markers: Mapping[str, str], *, required: Sequence[str] = (), grace: float = 5.0
+) -> list[int]:
     """Kill what a previous manager with these markers left running.
 
-    SIGTERM to each leftover's process group, up to ``grace`` seconds for them
-    to go, then SIGKILL. Returns the pids that were found.
+    SIGTERM to each leftover (and its process group, when it leads one), up
+    to ``grace`` seconds for them to go, then SIGKILL. Signals go through
+    pidfds opened before the markers are re-checked, so a pid reused in the
+    meantime is never hit. Returns the pids that were found.
     """
-    leftovers = find_marked_processes(markers)
-    if not leftovers:
-        return []
-    logger.warning(
-        "sweeping %d leftover process(es) of a previous manager: %s", len(leftovers), leftovers
-    )
-    for pid in leftovers:
-        _signal_leftover(pid, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        async with trio.open_nursery() as nursery:
-            for pid in leftovers:
-                nursery.start_soon(_wait_gone, pid)
-    for pid in leftovers:
-        if _alive(pid):
-            _signal_leftover(pid, signal.SIGKILL)
-    return leftovers
-
-
-async def _wait_gone(pid: int) -> None:
-    # A pidfd also works for processes that are not our children.
+    pidfds: dict[int, int] = {}
     try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # gone already, or no pidfd support
-        while _alive(pid):  # noqa: ASYNC110 - no pidfd: only time tells
-            await trio.sleep(0.05)
-        return
-    try:
-        if _alive(pid):
-            await trio.lowlevel.wait_readable(pidfd)
+        for pid in find_marked_processes(markers, required=required):
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except OSError:
+                continue
+        # Re-check now that the pidfds pin the processes.
+        still = set(find_marked_processes(markers, required=required))
+        for pid in [p for p in pidfds if p not in still]:
+            os.close(pidfds.pop(pid))
+        if not pidfds:
+            return []
+        leftovers = sorted(pidfds)
+        logger.warning(
+            "sweeping %d leftover process(es) of a previous manager: %s", len(leftovers), leftovers
+        )
+        for pid, pidfd in pidfds.items():
+            _signal_leftover(pid, pidfd, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            async with trio.open_nursery() as nursery:
+                for pidfd in pidfds.values():
+                    nursery.start_soon(trio.lowlevel.wait_readable, pidfd)
+        for pid, pidfd in pidfds.items():
+            if _alive(pid):
+                _signal_leftover(pid, pidfd, signal.SIGKILL)
+        return leftovers
     finally:
-        os.close(pidfd)
+        for pidfd in pidfds.values():
+            os.close(pidfd)
 
 
 def _alive(pid: int) -> bool:
@@ -290,17 +318,14 @@ def _alive(pid: int) -> bool:
     return state is not None and state != "Z"
 
 
-def _signal_leftover(pid: int, sig: signal.Signals) -> None:
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    # Never signal our own group: a leftover could only share it by accident.
-    if pgid != os.getpgid(0) and pgid == pid:
-        kill_group(pgid, sig)
-        return
+def _signal_leftover(pid: int, pidfd: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+        signal.pidfd_send_signal(pidfd, sig)
+    # A leader of its own group (as our instances are): its group goes too.
+    # The pidfd keeps the pid from being reused while the group is signalled.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid and pid != os.getpgid(0):
+            os.killpg(pid, sig)
 
 
 def reap_adopted_orphans(owned: set[int]) -> list[int]:

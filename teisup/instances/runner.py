@@ -25,7 +25,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -37,12 +37,14 @@ from .ports import Ports
 from .process import ProcessSpawner, kill_group, wait_for_exit
 from .spec import InstanceSpec
 
-__all__ = ["InstanceRunner", "Probe", "RunStatus", "describe_exit"]
+__all__ = ["InstanceRunner", "Probe", "ProbeListener", "RunStatus", "describe_exit"]
 
 logger = logging.getLogger("teisup.instances")
 
 #: ``probe(host, port, timeout)`` -> None when the instance answers, else why not.
 Probe = Callable[[str, int, float], Awaitable[str | None]]
+#: ``listener(instance, seconds, ok, was_ready)``, called after every probe.
+ProbeListener = Callable[[str, float, bool, bool], None]
 
 
 @dataclass
@@ -50,11 +52,17 @@ class RunStatus:
     """What the runner knows beyond the supervisor's state, for the API."""
 
     runs: int = 0
+    #: Runs that were restarts by the policy (not starts asked for).
+    restarts: int = 0
+    #: Set by an asked-for start, so the run it causes is not counted a restart.
+    start_requested: bool = True
     pid: int | None = None
     health_check_failures: int = 0
     last_health_check: float | None = None  # wall-clock seconds of the last success
     last_error: str = ""
-    owned_pids: set[int] = field(default_factory=set)
+    #: How the last run ended (kept here too: a temporary instance's child
+    #: record disappears from the supervisor when it exits).
+    last_exit: ExitReason | None = None
 
 
 def describe_exit(returncode: int, log: InstanceLog) -> ExitReason:
@@ -90,6 +98,12 @@ def last_words(log: InstanceLog, lines: int = 3) -> str:
     return " | ".join(picked)
 
 
+def _stopping(ctx: ChildContext) -> bool:
+    # A call, not a property read, so that type checkers do not assume the
+    # answer cannot change across an await.
+    return ctx.stop_requested
+
+
 class InstanceRunner:
     """A worker function (``await runner(ctx)``) for one instance's child spec."""
 
@@ -108,6 +122,7 @@ class InstanceRunner:
         status: RunStatus | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] | None = None,
+        on_probe: ProbeListener | None = None,
     ) -> None:
         self.spec = spec
         self.ports = ports
@@ -121,28 +136,35 @@ class InstanceRunner:
         self.status = status or RunStatus()
         self._clock = clock
         self._wall_clock = wall_clock or time.time
+        self._on_probe = on_probe
 
     async def __call__(self, ctx: ChildContext) -> ExitReason:
         spec, ports = self.spec, self.ports
         argv = build_argv(self.launcher, spec, ports.port, ports.prometheus_port)
         env = build_env(self.base_env, spec, self.manager_id)
         self.status.runs += 1
+        if not self.status.start_requested:
+            self.status.restarts += 1
+        self.status.start_requested = False
         self.status.health_check_failures = 0
+        self.status.last_error = ""
         try:
             process = await self.spawner.spawn(argv, env)
         except OSError as exc:
             raise RuntimeError(f"cannot start {argv[0]!r}: {exc}") from exc
         self.status.pid = process.pid
-        self.status.owned_pids.add(process.pid)
         ctx.report_pid(process.pid)
         logger.info("instance %s: started pid %d: %s", spec.name, process.pid, " ".join(argv))
+        exit: ExitReason | None = None
         try:
-            return await self._supervise(ctx, process)
+            exit = await self._supervise(ctx, process)
+            return exit
         finally:
             with trio.CancelScope(shield=True):
                 await self._make_sure_it_is_gone(process)
-            self.status.owned_pids.discard(process.pid)
             self.status.pid = None
+            self.status.last_error = ""
+            self.status.last_exit = exit or ExitReason.shutdown("cancelled")
 
     async def _supervise(self, ctx: ChildContext, process: subprocess.Popen[bytes]) -> ExitReason:
         wake_send, wake = trio.open_memory_channel[str](math.inf)
@@ -209,13 +231,18 @@ class InstanceRunner:
                 reason = await wake.receive()
             if exited.is_set():
                 return None
-            if ctx.stop_requested:
+            if _stopping(ctx):
                 return await self._stop(process, exited)
             if reason == "ready-line" and policy.ready:
                 continue  # a stray Ready line after readiness changes nothing
+            began = time.perf_counter()
             error = await self.probe(INSTANCE_HOST, self.ports.port, self.health.timeout)
+            if self._on_probe is not None:
+                self._on_probe(spec.name, time.perf_counter() - began, error is None, policy.ready)
             if exited.is_set():
                 return None
+            if _stopping(ctx):  # asked to stop while the probe ran: that wins
+                return await self._stop(process, exited)
             now = self._clock()
             verdict = policy.on_probe(error is None, now, error or "")
             next_probe = now + policy.next_probe_after()
@@ -250,6 +277,8 @@ class InstanceRunner:
 
     async def _stop(self, process: subprocess.Popen[bytes], exited: trio.Event) -> ExitReason:
         kill_group(process.pid, signal.SIGTERM)
+        # A stopped (SIGSTOP) process acts on SIGTERM only once continued.
+        kill_group(process.pid, signal.SIGCONT)
         with trio.move_on_after(self.spec.stop_grace_secs):
             await exited.wait()
         if exited.is_set():

@@ -15,13 +15,17 @@ from ..supervision import Backoff, Intensity, RestartType
 
 __all__ = ["InstanceSpec", "RestartPolicy", "spec_from_dict"]
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+# \Z, not $: "$" also matches before a final newline.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}\Z"
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 Dtype = Literal["float16", "float32", "bfloat16"]
 #: 0 means "assign one", as in tei-manager.
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+#: A day: longer start-up or stop budgets are a mistake, not a setting.
+MAX_SECONDS = 86400.0
 
 #: Flags the manager sets itself; an instance may not override them.
 OWNED_FLAGS = frozenset(
@@ -95,8 +99,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     max_client_batch_size: Positive | None = None
     auto_truncate: bool = False
     extra_args: list[str] = msgspec.field(default_factory=list)
-    startup_timeout_secs: Annotated[float, msgspec.Meta(gt=0)] = 600.0
-    stop_grace_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    startup_timeout_secs: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = 600.0
+    stop_grace_secs: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 30.0
     #: None: the manager's default restart policy.
     restart: RestartPolicy | None = None
 
@@ -122,6 +126,13 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
             if value is not None and value <= 0:
                 raise ValueError(f"{field} must be > 0, got {value}")
         _check_extra_args(self.extra_args)
+        for field, low in (("startup_timeout_secs", 0.0), ("stop_grace_secs", -1.0)):
+            value = getattr(self, field)
+            if not (low < value <= MAX_SECONDS):  # also refuses NaN
+                raise ValueError(
+                    f"{field} must be {'> 0' if low == 0 else '>= 0'} and at most "
+                    f"{MAX_SECONDS:g} seconds, got {value!r}"
+                )
 
 
 def _unsafe(text: str) -> bool:
@@ -141,7 +152,12 @@ def _check_extra_args(extra_args: list[str]) -> None:
     for arg in extra_args:
         if not isinstance(arg, str) or _unsafe(arg):
             raise ValueError(f"extra_args item {arg!r} must be a string without NUL or line breaks")
-        flag = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+        elif arg.startswith("-") and len(arg) > 2:
+            flag = arg[:2]  # "-p8080", "-p=8080": a short flag with its value attached
+        else:
+            flag = arg
         if flag in OWNED_FLAGS:
             raise ValueError(f"extra_args may not set {flag}: the manager owns it")
         if flag in FIELD_FLAGS:

@@ -73,7 +73,7 @@ async def test_an_instance_runs_answers_and_stops(tmp_path: Path) -> None:
             cmdline = (await trio.Path(f"/proc/{info.pid}/cmdline").read_bytes()).split(b"\0")
             assert cmdline[cmdline.index(b"--hostname") + 1] == b"127.0.0.1"
             environ = (await trio.Path(f"/proc/{info.pid}/environ").read_bytes()).split(b"\0")
-            assert f"TEISUP_MANAGER_ID={manager.manager_id}".encode() in environ
+            assert f"TEISUP_OWNED_BY={manager.manager_id}".encode() in environ
             assert b"NO_COLOR=1" in environ
             assert os.getpgid(info.pid) == info.pid  # its own process group
 
@@ -308,3 +308,54 @@ def test_the_launcher_is_tei_when_found_else_the_embedded_backend(
     monkeypatch.setenv("PATH", "/nonexistent")
     assert resolve_launcher(None) == [sys.executable, "-m", "teisup.embedded"]
     assert resolve_launcher("/opt/tei/missing") == [sys.executable, "-m", "teisup.embedded"]
+
+
+async def test_a_stopped_instance_stays_stopped_and_manual_starts_are_not_restarts(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec())
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+                await manager.stop("bge-small")
+                # Several probe intervals pass: nothing starts it again.
+                with trio.move_on_after(1.0):
+                    await wait_for(events, "bge-small", ChildState.STARTING)
+                    raise AssertionError("a stopped instance was started again")
+                await manager.start("bge-small")
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+                await manager.restart("bge-small")
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            info = manager.get("bge-small")
+            assert (info.status, info.restarts, info.desired) == ("running", 0, "running")
+
+
+async def test_backoff_is_visible_with_its_next_attempt(tmp_path: Path) -> None:
+    slow = RestartPolicy(backoff=Backoff(initial=30.0, maximum=60.0))
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_FAIL_START": "1"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(restart=slow))
+                await wait_for(events, "bge-small", ChildState.BACKOFF)
+            info = manager.get("bge-small")
+            assert info.status == "backoff"
+            assert info.next_restart_in is not None
+            assert 25.0 < info.next_restart_in <= 30.0
+            # Stopping it cancels the pending restart.
+            assert (await manager.stop("bge-small")).status == "stopped"
+
+
+async def test_start_while_stopping_is_not_lost(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_IGNORE_SIGTERM": "1"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(stop_grace_secs=0.5))
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(manager.stop, "bge-small")
+                    await wait_for(events, "bge-small", ChildState.STOPPING)
+                    nursery.start_soon(manager.start, "bge-small")
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            info = manager.get("bge-small")
+            assert (info.status, info.desired) == ("running", "running")

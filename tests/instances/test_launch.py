@@ -71,7 +71,7 @@ def test_environment_is_scrubbed_marked_and_pinned() -> None:
         "CUDA_VISIBLE_DEVICES": "1",
         "NO_COLOR": "1",
         "PYTHONUNBUFFERED": "1",
-        "TEISUP_MANAGER_ID": "mgr-1",
+        "TEISUP_OWNED_BY": "mgr-1",
         "TEISUP_INSTANCE": "bge",
     }
 

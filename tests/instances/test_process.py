@@ -116,7 +116,7 @@ def start_leftovers(marker: dict[str, str]) -> tuple[subprocess.Popen[bytes], ..
 
 
 async def test_sweep_kills_marked_leftovers_even_if_they_ignore_sigterm() -> None:
-    marker = {"TEISUP_MANAGER_ID": f"test-{uuid.uuid4()}"}
+    marker = {"TEISUP_OWNED_BY": f"test-{uuid.uuid4()}", "TEISUP_INSTANCE": "x"}
     polite, stubborn = start_leftovers(marker)
     assert find_marked_processes(marker) == sorted([polite.pid, stubborn.pid])
     found = await sweep_leftovers(marker, grace=0.5)
@@ -140,3 +140,22 @@ def test_a_subreaper_reaps_the_orphans_it_adopts() -> None:
     assert proc_state(orphan) == "Z"
     assert orphan in reap_adopted_orphans(set())
     assert proc_state(orphan) is None
+
+
+async def test_children_die_with_the_spawner_thread_and_only_then() -> None:
+    # PR_SET_PDEATHSIG is tied to the forking thread. The spawner's thread lives
+    # until the spawner closes, so a child outlives every idle worker thread
+    # (trio's exit after 10 s idle) and dies when the spawner goes.
+    spawner = ProcessSpawner()
+    async with spawner:
+        proc = await spawner.spawn(["sleep", "1000"], env={"PATH": os.environ["PATH"]})
+        for _ in range(3):
+            # Worker threads come and go meanwhile; the child does not care.
+            await trio.to_thread.run_sync(lambda: None)
+        assert proc_state(proc.pid) not in (None, "Z")
+        assert proc.pid in spawner.owned_pids()
+    with trio.fail_after(10):
+        assert await wait_for_exit(proc) == -signal.SIGKILL
+    for f in (proc.stdout, proc.stderr):
+        assert f is not None
+        f.close()

@@ -79,3 +79,28 @@ def test_construction_in_code_is_validated_too() -> None:
 
 def test_port_zero_means_assign_one() -> None:
     assert spec_from_dict({"name": "a", "model_id": "m", "port": 0}).port == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"name": "bge\n"}, "name"),
+        ({"extra_args": ["-p8080"]}, "-p: the manager owns it"),
+        ({"extra_args": ["-p=8080"]}, "-p: the manager owns it"),
+        ({"stop_grace_secs": float("inf")}, "stop_grace_secs"),
+        ({"stop_grace_secs": 1e300}, "stop_grace_secs"),
+        ({"startup_timeout_secs": float("nan")}, "startup_timeout_secs"),
+    ],
+)
+def test_the_subtle_bad_values_are_refused_too(patch: dict[str, object], message: str) -> None:
+    with pytest.raises((msgspec.ValidationError, ValueError), match=message):
+        spec_from_dict({"name": "ok", "model_id": "m", **patch})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"startup_timeout_secs": -1.0}, {"stop_grace_secs": float("nan")}, {"stop_grace_secs": -5.0}],
+)
+def test_code_built_specs_refuse_bad_budgets(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="secs"):
+        InstanceSpec(name="ok", model_id="m", **kwargs)  # type: ignore[arg-type]

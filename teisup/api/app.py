@@ -1,0 +1,287 @@
+"""The REST control plane: tei-manager's routes, honest statuses, one error shape.
+
+Every error answers ``{"error": <message>, "code": <CODE>, "timestamp": <RFC3339>}``
+(tei-manager's shape). A lifecycle call answers once the state snapshot that
+records it has been written (or the write has failed, which is logged and
+counted; the call still reports what happened).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..instances import (
+    GpuInfo,
+    InstanceExists,
+    InstanceInfo,
+    InstanceManager,
+    InstanceNotFound,
+    InstanceSpec,
+    InvalidGpuId,
+    MaxInstancesReached,
+    PortError,
+)
+from ..supervision import Supervisor
+from .openapi import LogsResponse, openapi_document
+
+__all__ = ["ApiError", "ControlPlane", "create_app"]
+
+#: Request bodies larger than this are refused with 413.
+MAX_BODY_BYTES = 1 << 20
+
+
+class ControlPlane(Protocol):
+    """What the REST API needs from the running service."""
+
+    manager: InstanceManager
+    root: Supervisor
+
+    async def persist(self) -> bool: ...
+
+    def gpus(self) -> list[GpuInfo]: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def on_created(self, info: InstanceInfo) -> None: ...
+
+    def on_deleted(self, name: str) -> None: ...
+
+    async def probe_now(self, name: str) -> dict[str, Any]: ...
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _json({"error": message, "code": code, "timestamp": _now()}, status)
+
+
+def _translate(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InstanceNotFound):
+        return ApiError(404, "INSTANCE_NOT_FOUND", str(exc))
+    if isinstance(exc, InstanceExists):
+        return ApiError(409, "INSTANCE_EXISTS", str(exc))
+    if isinstance(exc, MaxInstancesReached):
+        return ApiError(409, "MAX_INSTANCES_REACHED", str(exc))
+    if isinstance(exc, PortError):
+        return ApiError(409, "PORT_CONFLICT", str(exc))
+    if isinstance(exc, InvalidGpuId):
+        return ApiError(422, "INVALID_GPU_ID", str(exc))
+    raise exc
+
+
+async def _decode_spec() -> InstanceSpec:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "VALIDATION_ERROR", "the body must be a JSON object")
+    try:
+        return msgspec.convert(data, InstanceSpec)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "VALIDATION_ERROR", f"invalid instance: {exc}") from None
+
+
+def create_app(plane: ControlPlane) -> QuartTrio:
+    """The quart-trio application serving ``plane``."""
+    app = QuartTrio("teisup")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    manager = plane.manager
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return _error(exc.status, exc.code, str(exc))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+            status, "HTTP_ERROR"
+        )
+        return _error(status, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        app.logger.exception("unhandled error in %s %s", request.method, request.path)
+        return _error(500, "INTERNAL_ERROR", f"internal error: {type(exc).__name__}")
+
+    def lifecycle(
+        op: Callable[..., Awaitable[Any]],
+    ) -> Callable[..., Awaitable[Response]]:
+        async def handler(**kwargs: Any) -> Response:
+            try:
+                result = await op(**kwargs)
+            except Exception as exc:
+                raise _translate(exc) from None
+            return result  # type: ignore[no-any-return]
+
+        handler.__name__ = op.__name__
+        return handler
+
+    @app.get("/health")
+    async def health() -> Response:
+        infos = manager.all()
+        by_state: dict[str, int] = {}
+        for info in infos:
+            by_state[info.status] = by_state.get(info.status, 0) + 1
+        wanted = [i for i in infos if i.desired == "running"]
+        up = [i for i in wanted if i.status == "running"]
+        if not wanted or len(up) == len(wanted):
+            aggregate = "healthy"
+        elif up:
+            aggregate = "degraded"
+        else:
+            aggregate = "down"
+        return _json(
+            {
+                "status": "healthy",
+                "timestamp": _now(),
+                "instances": {
+                    "status": aggregate,
+                    "total": len(infos),
+                    "wanted_running": len(wanted),
+                    "running": len(up),
+                    "by_state": by_state,
+                },
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(plane.render_metrics(), content_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json(openapi_document())
+
+    @app.get("/instances")
+    async def list_instances() -> Response:
+        return _json(manager.all())
+
+    @app.post("/instances")
+    @lifecycle
+    async def create_instance() -> Response:
+        spec = await _decode_spec()
+        info = await manager.create(spec)
+        plane.on_created(info)
+        await plane.persist()
+        return _json(manager.get(spec.name), 201)
+
+    @app.get("/instances/<name>")
+    @lifecycle
+    async def get_instance(name: str) -> Response:
+        return _json(manager.get(name))
+
+    @app.delete("/instances/<name>")
+    @lifecycle
+    async def delete_instance(name: str) -> Response:
+        await manager.delete(name)
+        plane.on_deleted(name)
+        await plane.persist()
+        return Response(b"", status=204)
+
+    @app.post("/instances/<name>/start")
+    @lifecycle
+    async def start_instance(name: str) -> Response:
+        await manager.start(name)
+        await plane.persist()
+        return _json(manager.get(name))
+
+    @app.post("/instances/<name>/stop")
+    @lifecycle
+    async def stop_instance(name: str) -> Response:
+        await manager.stop(name)
+        await plane.persist()
+        return _json(manager.get(name))
+
+    @app.post("/instances/<name>/restart")
+    @lifecycle
+    async def restart_instance(name: str) -> Response:
+        await manager.restart(name)
+        await plane.persist()
+        return _json(manager.get(name))
+
+    @app.get("/instances/<name>/logs")
+    @lifecycle
+    async def instance_logs(name: str) -> Response:
+        manager.get(name)
+        args = request.args
+        try:
+            tail = args.get("tail", type=int)
+            start = args.get("start", type=int)
+            end = args.get("end", type=int)
+        except ValueError:
+            raise ApiError(
+                422, "VALIDATION_ERROR", "tail, start and end must be integers"
+            ) from None
+        if (
+            ("tail" in args and tail is None)
+            or ("start" in args and start is None)
+            or ("end" in args and end is None)
+        ):
+            raise ApiError(422, "VALIDATION_ERROR", "tail, start and end must be integers")
+        everything = manager.logs(name)
+        total = len(everything)
+        if tail is not None:
+            if tail < 0:
+                raise ApiError(422, "VALIDATION_ERROR", "tail must be >= 0")
+            start, end = max(0, total - tail), total
+        first, stop, _ = slice(start, end).indices(total)
+        stop = max(first, stop)
+        return _json(LogsResponse(everything[first:stop], first, stop, total))
+
+    @app.get("/instances/<name>/health")
+    @lifecycle
+    async def instance_health(name: str) -> Response:
+        info = manager.get(name)
+        live = await plane.probe_now(name)
+        return _json(
+            {
+                "name": name,
+                "status": info.status,
+                "health_check_failures": info.health_check_failures,
+                "last_health_check": info.last_health_check,
+                "last_error": info.last_error,
+                "probe": live,
+            }
+        )
+
+    @app.get("/gpus")
+    async def gpus() -> Response:
+        return _json(plane.gpus())
+
+    @app.get("/supervisor/tree")
+    async def supervisor_tree() -> Response:
+        return _json(plane.root.snapshot())
+
+    return app

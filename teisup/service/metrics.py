@@ -1,0 +1,172 @@
+"""The manager's own Prometheus metrics.
+
+tei-manager's five series keep their names and labels, so existing dashboards
+work, and each is actually recorded (tei-manager never increments its
+health-check failure counter, and counts only health-triggered restarts).
+teisup adds per-state instance gauges, restarts by reason, backoff seconds,
+probe latency, state-write duration and failures, and per-GPU readings.
+
+Values that are state (instance states, backoff, GPUs) are read at scrape
+time by a collector, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..instances import GpuInfo, InstanceInfo
+from ..supervision import ChildState, TransitionEvent
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def restart_reason(reason: str) -> str:
+    """A low-cardinality label for why an instance is being restarted."""
+    if reason.startswith("abnormal: unhealthy"):
+        return "unhealthy"
+    if reason.startswith("abnormal: not ready within"):
+        return "startup_timeout"
+    if "killed by" in reason:
+        return "signal"
+    if reason.startswith("abnormal"):
+        return "crash"
+    if reason.startswith("normal"):
+        return "exit"
+    return "other"
+
+
+class Metrics:
+    """Every series of the manager, in one registry."""
+
+    def __init__(
+        self,
+        *,
+        instances: Callable[[], list[InstanceInfo]],
+        gpus: Callable[[], list[GpuInfo]],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.created = Counter(
+            "tei_manager_instances_created",
+            "Instances created",
+            ["instance", "model"],
+            registry=r,
+        )
+        self.deleted = Counter(
+            "tei_manager_instances_deleted", "Instances deleted", ["instance"], registry=r
+        )
+        self.restarts = Counter(
+            "tei_manager_instance_restarts",
+            "Instance restarts, whatever their cause",
+            ["instance"],
+            registry=r,
+        )
+        self.health_failures = Counter(
+            "tei_manager_health_check_failures",
+            "Failed health checks of ready instances",
+            ["instance"],
+            registry=r,
+        )
+        self.count = Gauge("tei_manager_instances_count", "Instances managed", registry=r)
+        self.restarts_by_reason = Counter(
+            "teisup_instance_restarts_by_reason",
+            "Instance restarts by cause",
+            ["instance", "reason"],
+            registry=r,
+        )
+        self.probe_seconds = Histogram(
+            "teisup_health_check_duration_seconds",
+            "Health check latency",
+            ["instance", "outcome"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.state_write_seconds = Histogram(
+            "teisup_state_write_duration_seconds",
+            "Time to write a state snapshot durably",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r,
+        )
+        self.state_write_failures = Counter(
+            "teisup_state_write_failures", "Failed state snapshot writes", registry=r
+        )
+        self.state_restore = Counter(
+            "teisup_state_restore",
+            "State loads at start-up by source (file, backup, missing, unreadable)",
+            ["source"],
+            registry=r,
+        )
+        r.register(_StateCollector(instances, gpus))
+        self._instances = instances
+
+    def render(self) -> bytes:
+        self.count.set(len(self._instances()))
+        return generate_latest(self.registry)
+
+    def on_transition(self, event: TransitionEvent) -> None:
+        """Count restarts from the supervision tree's transitions."""
+        if len(event.path) == 3 and event.path[1] == "instances":
+            if event.new is ChildState.BACKOFF and event.old is not ChildState.BACKOFF:
+                self.restarts.labels(event.child_id).inc()
+                self.restarts_by_reason.labels(event.child_id, restart_reason(event.reason)).inc()
+
+    def on_probe(self, instance: str, seconds: float, ok: bool, ready: bool) -> None:
+        self.probe_seconds.labels(instance, "ok" if ok else "failed").observe(seconds)
+        if ready and not ok:
+            self.health_failures.labels(instance).inc()
+
+    def on_state_write(self, seconds: float, ok: bool) -> None:
+        self.state_write_seconds.observe(seconds)
+        if not ok:
+            self.state_write_failures.inc()
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, instances: Callable[[], list[InstanceInfo]], gpus: Callable[[], list[GpuInfo]]
+    ) -> None:
+        self._instances = instances
+        self._gpus = gpus
+
+    def collect(self) -> Iterable[Metric]:
+        states = GaugeMetricFamily(
+            "teisup_instance_state",
+            "1 for the state each instance is in, 0 for the others",
+            labels=["instance", "state"],
+        )
+        backoff = GaugeMetricFamily(
+            "teisup_instance_backoff_seconds",
+            "Seconds until a restarting instance is started again",
+            labels=["instance"],
+        )
+        for info in self._instances():
+            for state in ChildState:
+                states.add_metric(
+                    [info.name, state.value], 1.0 if info.status == state.value else 0
+                )
+            backoff.add_metric([info.name], info.next_restart_in or 0.0)
+        yield states
+        yield backoff
+        memory = GaugeMetricFamily(
+            "teisup_gpu_memory_bytes", "GPU memory by kind", labels=["gpu", "name", "kind"]
+        )
+        utilization = GaugeMetricFamily(
+            "teisup_gpu_utilization_percent", "GPU utilization", labels=["gpu", "name"]
+        )
+        for gpu in self._gpus():
+            for kind, value in (
+                ("total", gpu.memory_total_bytes),
+                ("used", gpu.memory_used_bytes),
+                ("free", gpu.memory_free_bytes),
+            ):
+                memory.add_metric([str(gpu.index), gpu.name, kind], float(value))
+            if gpu.utilization_percent is not None:
+                utilization.add_metric([str(gpu.index), gpu.name], float(gpu.utilization_percent))
+        yield memory
+        yield utilization
