@@ -1,17 +1,21 @@
-"""The ``teisup`` command: run the manager as a container entrypoint or by hand."""
+"""The ``teisup`` command: the container entrypoint, or run by hand."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
 from . import __version__
-from .supervision import Supervisor
+from .service.config import ConfigError, ManagerConfig, load_config
+from .service.service import Service
 
 __all__ = ["build_parser", "main"]
 
@@ -25,40 +29,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"teisup {__version__}")
     parser.add_argument(
-        "command",
-        nargs="?",
-        default="serve",
-        choices=["serve"],
-        help="what to do (default: serve)",
+        "command", nargs="?", default="serve", choices=["serve"], help="what to do (default: serve)"
     )
+    parser.add_argument("-c", "--config", help="TOML config file")
+    parser.add_argument("--api-port", type=int, help="REST API port (default 9000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC multiplexer port (default 9001)")
+    parser.add_argument("--state-file", help="state snapshot file (.toml or .json)")
     parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (default: info)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="pretty",
+        choices=["json", "pretty"],
+        help="log line format (default: pretty)",
+    )
     return parser
 
 
-async def serve() -> None:
-    """Run the root supervisor until SIGTERM or SIGINT, then stop it gracefully."""
-    root = Supervisor("root")
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "target": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+async def serve(config: ManagerConfig) -> None:
+    """Run the service until SIGTERM or SIGINT, then stop it gracefully."""
+    service = Service(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(root.run)
+            await nursery.start(service.run)
             logger.info("teisup %s running; stop with SIGTERM or Ctrl-C", __version__)
-            async for signum in signals:
-                logger.info("received %s; stopping", signal.Signals(signum).name)
-                await root.stop()
-                break
+
+            async def wait_for_signal() -> None:
+                async for signum in signals:
+                    logger.info("received %s; stopping", signal.Signals(signum).name)
+                    await service.stop()
+                    return
+
+            nursery.start_soon(wait_for_signal)
+            await service.root.wait_stopped()
+            nursery.cancel_scope.cancel()
+    logger.info("teisup stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    trio.run(serve)
+    _setup_logging(args.log_level, args.log_format)
+    overrides = {
+        key: value
+        for key, value in (
+            ("api_port", args.api_port),
+            ("grpc_port", args.grpc_port),
+            ("state_file", args.state_file),
+        )
+        if value is not None
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"teisup: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, config)
+    except OSError as exc:
+        logger.error("cannot run: %s", exc)
+        return 1
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -28,20 +29,25 @@ from ..instances import (
     MaxInstancesReached,
     PortError,
 )
-from ..supervision import Supervisor
+from ..supervision import ChildState, Supervisor
 from .openapi import LogsResponse, openapi_document
 
 __all__ = ["ApiError", "ControlPlane", "create_app"]
 
 #: Request bodies larger than this are refused with 413.
 MAX_BODY_BYTES = 1 << 20
+#: The longest ``?wait=`` a client may ask for.
+MAX_WAIT = 900.0
 
 
 class ControlPlane(Protocol):
     """What the REST API needs from the running service."""
 
-    manager: InstanceManager
-    root: Supervisor
+    @property
+    def manager(self) -> InstanceManager: ...
+
+    @property
+    def root(self) -> Supervisor: ...
 
     async def persist(self) -> bool: ...
 
@@ -200,7 +206,30 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @app.get("/instances/<name>")
     @lifecycle
     async def get_instance(name: str) -> Response:
-        return _json(manager.get(name))
+        """``?wait=<state>&timeout=<s>`` answers once the instance is in that
+        state (event-driven, no polling), or 504 with its current state."""
+        wanted = request.args.get("wait")
+        if wanted is None:
+            return _json(manager.get(name))
+        if wanted not in {s.value for s in ChildState}:
+            raise ApiError(422, "VALIDATION_ERROR", f"wait: unknown state {wanted!r}")
+        try:
+            timeout = float(request.args.get("timeout", "30"))
+        except ValueError:
+            raise ApiError(422, "VALIDATION_ERROR", "timeout must be a number") from None
+        if not 0 <= timeout <= MAX_WAIT:
+            raise ApiError(422, "VALIDATION_ERROR", f"timeout must be 0-{MAX_WAIT:g} seconds")
+        with plane.root.events.subscribe() as events, trio.move_on_after(timeout):
+            while manager.get(name).status != wanted:
+                await events.receive()
+        info = manager.get(name)
+        if info.status != wanted:
+            raise ApiError(
+                504,
+                "TIMEOUT",
+                f"instance {name!r} is {info.status}, not {wanted}, after {timeout:g}s",
+            )
+        return _json(info)
 
     @app.delete("/instances/<name>")
     @lifecycle

@@ -263,8 +263,8 @@ class InstanceManager:
         self,
         spec: InstanceSpec,
         *,
-        port: int,
-        prometheus_port: int,
+        port: int | None,
+        prometheus_port: int | None,
         created_at: str | None,
         desired: str,
         restarts: int = 0,
@@ -276,7 +276,10 @@ class InstanceManager:
         """
         if spec.name in self._instances:
             raise InstanceExists(f"instance {spec.name!r} already exists")
-        ports = self.ports.reserve(spec.name, port, prometheus_port)
+        if port is not None and prometheus_port is not None:
+            ports = self.ports.reserve(spec.name, port, prometheus_port)
+        else:
+            ports = self.ports.allocate(spec.name, port, prometheus_port)
         log = InstanceLog(spec.name, directory=self.log_dir)
         self._instances[spec.name] = _Instance(
             spec,

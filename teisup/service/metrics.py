@@ -111,10 +111,10 @@ class Metrics:
 
     def on_transition(self, event: TransitionEvent) -> None:
         """Count restarts from the supervision tree's transitions."""
-        if len(event.path) == 3 and event.path[1] == "instances":
-            if event.new is ChildState.BACKOFF and event.old is not ChildState.BACKOFF:
-                self.restarts.labels(event.child_id).inc()
-                self.restarts_by_reason.labels(event.child_id, restart_reason(event.reason)).inc()
+        is_instance = len(event.path) == 3 and event.path[1] == "instances"
+        if is_instance and event.new is ChildState.BACKOFF and event.old is not ChildState.BACKOFF:
+            self.restarts.labels(event.child_id).inc()
+            self.restarts_by_reason.labels(event.child_id, restart_reason(event.reason)).inc()
 
     def on_probe(self, instance: str, seconds: float, ok: bool, ready: bool) -> None:
         self.probe_seconds.labels(instance, "ok" if ok else "failed").observe(seconds)

@@ -1,0 +1,305 @@
+"""The running teisup: the root supervisor and everything hanging off it.
+
+::
+
+    root (one_for_one)
+    ├── state-writer   writes the snapshot after every transition; the final one last
+    ├── observer       reads every transition: marks the state dirty, counts metrics
+    ├── instances      the instances supervisor (InstanceManager)
+    ├── api            the REST control plane on hypercorn
+    ├── poller         GPU readings for /gpus and /metrics
+    ├── reaper         reaps orphans the manager adopts (subreaper, or PID 1)
+    └── restore        temporary: starts restored instances in the background
+
+Children stop in reverse order, so on SIGTERM the API stops accepting first,
+then every instance stops within its grace, and the state writer, stopping
+last, writes the final snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import msgspec
+import trio
+
+from ..api import create_app
+from ..instances import (
+    GpuInfo,
+    HealthSettings,
+    InstanceInfo,
+    InstanceManager,
+    InstanceSpec,
+    NvmlReader,
+    PortAllocator,
+    PortRange,
+    ProcessSpawner,
+    PynvmlReader,
+    resolve_launcher,
+    set_child_subreaper,
+)
+from ..instances.probe import grpc_health_probe
+from ..instances.runner import Probe
+from ..supervision import (
+    BRUTAL_KILL,
+    ChildContext,
+    ChildSpec,
+    Intensity,
+    RestartType,
+    Supervisor,
+)
+from .config import ManagerConfig
+from .metrics import Metrics
+from .state import SavedInstance, Snapshot, StateStore, StateWriter
+
+__all__ = ["Service"]
+
+logger = logging.getLogger("teisup")
+
+_SPEC_FIELDS = tuple(f for f in InstanceSpec.__struct_fields__)
+
+
+class Service:
+    """teisup as one object: build it from a config, `run` it, `stop` it."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        gpus: NvmlReader | None = None,
+        probe: Probe = grpc_health_probe,
+        launcher: list[str] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.gpu_reader = gpus or PynvmlReader()
+        self.probe = probe
+        self.launcher = launcher or resolve_launcher(config.tei_binary_path)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.store = StateStore(config.state_file)
+        self._gpus: list[GpuInfo] = []
+        self.api_urls: list[str] = []
+        self._root: Supervisor | None = None
+        self._manager: InstanceManager | None = None
+        self._writer: StateWriter | None = None
+        self.metrics = Metrics(instances=self._instances, gpus=lambda: list(self._gpus))
+
+    # -- what the API uses ----------------------------------------------------
+
+    @property
+    def manager(self) -> InstanceManager:
+        assert self._manager is not None, "the service is not running"
+        return self._manager
+
+    @property
+    def root(self) -> Supervisor:
+        assert self._root is not None, "the service is not running"
+        return self._root
+
+    async def persist(self) -> bool:
+        assert self._writer is not None
+        return await self._writer.persist()
+
+    def gpus(self) -> list[GpuInfo]:
+        return list(self._gpus)
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    def on_created(self, info: InstanceInfo) -> None:
+        self.metrics.created.labels(info.name, info.model_id).inc()
+
+    def on_deleted(self, name: str) -> None:
+        self.metrics.deleted.labels(name).inc()
+
+    async def probe_now(self, name: str) -> dict[str, Any]:
+        info = self.manager.get(name)
+        began = time.perf_counter()
+        error = await self.probe("127.0.0.1", info.port, self.config.health_check_timeout_secs)
+        return {
+            "ok": error is None,
+            "error": error,
+            "latency_ms": round((time.perf_counter() - began) * 1000, 3),
+        }
+
+    def _instances(self) -> list[InstanceInfo]:
+        return self._manager.all() if self._manager is not None else []
+
+    # -- running ---------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop everything in reverse order; return once the final snapshot is written."""
+        if self._root is not None:
+            await self._root.stop()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until `stop` (or until the root supervisor gives up)."""
+        config = self.config
+        if not set_child_subreaper():
+            logger.warning("cannot become a child subreaper; orphaned grandchildren go to init")
+        async with ProcessSpawner() as spawner:
+            manager = InstanceManager(
+                launcher=self.launcher,
+                manager_id=config.effective_manager_id,
+                spawner=spawner,
+                ports=PortAllocator(
+                    instance_ports=PortRange(
+                        config.instance_port_start, config.instance_port_end - 1
+                    ),
+                    prometheus_ports=PortRange(
+                        config.prometheus_port_start, config.prometheus_port_end - 1
+                    ),
+                    manager_ports=config.manager_ports(),
+                ),
+                gpus=self.gpu_reader,
+                probe=self.probe,
+                health=HealthSettings(
+                    interval=config.health_check_interval_secs,
+                    timeout=config.health_check_timeout_secs,
+                    failure_threshold=config.max_failures_before_restart,
+                ),
+                log_dir=config.effective_log_dir,
+                max_instances=config.max_instances,
+                base_env=self.environ,
+                default_restart=config.default_restart,
+                on_probe=self.metrics.on_probe,
+            )
+            self._manager = manager
+            self._writer = StateWriter(
+                self.store, self._collect, on_write=self.metrics.on_state_write
+            )
+            swept = await manager.sweep_leftovers()
+            if swept:
+                logger.warning("killed %d process(es) left by a previous manager", len(swept))
+            self._take_back(self._load())
+            self._root = Supervisor(
+                "root",
+                [
+                    ChildSpec("state-writer", self._writer.run, shutdown=60.0),
+                    ChildSpec("observer", self._observe, shutdown=BRUTAL_KILL),
+                    ChildSpec("instances", manager.supervisor),
+                    ChildSpec("api", self._serve_api, shutdown=30.0),
+                    ChildSpec("poller", self._poll_gpus, shutdown=BRUTAL_KILL),
+                    ChildSpec("reaper", self._reap, shutdown=BRUTAL_KILL),
+                    ChildSpec(
+                        "restore",
+                        self._restore,
+                        restart=RestartType.TEMPORARY,
+                        shutdown=BRUTAL_KILL,
+                    ),
+                ],
+                intensity=Intensity(max_restarts=10, period=60.0),
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._root.run)
+                    task_status.started(self)
+            finally:
+                manager.close()
+
+    # -- state -------------------------------------------------------------------
+
+    def _load(self) -> Snapshot:
+        result = self.store.load()
+        self.metrics.state_restore.labels(result.source).inc()
+        if result.problem:
+            logger.error("state: %s (loaded from: %s)", result.problem, result.source)
+        return result.snapshot
+
+    def _take_back(self, snapshot: Snapshot) -> None:
+        """Register saved instances, then config seeds not in the state file."""
+        manager = self.manager
+        for saved in snapshot.instances:
+            desired = saved.desired if self.config.auto_restore_on_restart else "stopped"
+            self._register(_spec_of(saved), saved, desired)
+        for seed in self.config.instances:
+            if seed.name not in manager.names():
+                self._register(seed, None, "running")
+
+    def _register(self, spec: InstanceSpec, saved: SavedInstance | None, desired: str) -> None:
+        try:
+            self.manager.register(
+                spec,
+                port=(saved.port if saved else spec.port) or None,
+                prometheus_port=(saved.prometheus_port if saved else spec.prometheus_port) or None,
+                created_at=saved.created_at if saved else None,
+                desired=desired,
+                restarts=saved.restarts if saved else 0,
+            )
+        except (ValueError, LookupError) as exc:
+            logger.error("cannot take back instance %r: %s", spec.name, exc)
+
+    def _collect(self) -> list[SavedInstance]:
+        out = []
+        for spec, ports, created_at, desired, restarts in self.manager.records():
+            fields = msgspec.structs.asdict(spec)
+            fields.update(port=ports.port, prometheus_port=ports.prometheus_port)
+            out.append(
+                SavedInstance(
+                    **fields,
+                    desired="stopped" if desired == "stopped" else "running",
+                    created_at=created_at,
+                    restarts=restarts,
+                )
+            )
+        return out
+
+    # -- the root's workers ---------------------------------------------------------
+
+    async def _observe(self, ctx: ChildContext) -> None:
+        assert self._writer is not None
+        with self.root.events.subscribe() as events:
+            ctx.started()
+            async for event in events:
+                self._writer.mark_dirty()
+                self.metrics.on_transition(event)
+
+    async def _serve_api(self, ctx: ChildContext) -> None:
+        config = hypercorn.config.Config()
+        host = self.config.bind_host
+        config.bind = [
+            f"[{host}]:{self.config.api_port}" if ":" in host else f"{host}:{self.config.api_port}"
+        ]
+        config.graceful_timeout = 5.0
+        config.accesslog = None
+        app = create_app(self)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(hypercorn.trio.serve, app, config, shutdown_trigger=ctx.wait_stop_requested)
+            )
+            self.api_urls = list(binds)
+            logger.info("REST API listening on %s", ", ".join(self.api_urls))
+            ctx.started()
+
+    async def _poll_gpus(self, ctx: ChildContext) -> None:
+        while True:
+            self._gpus = await trio.to_thread.run_sync(self.gpu_reader.read)
+            ctx.started()
+            await trio.sleep(10.0)
+
+    async def _reap(self, ctx: ChildContext) -> None:
+        ctx.started()
+        await self.manager.reap_orphans()
+
+    async def _restore(self, ctx: ChildContext) -> None:
+        ctx.started()
+        manager = self.manager
+        for name in manager.names():
+            if manager.desired_state(name) == "running":
+                try:
+                    await manager.start(name)
+                except Exception as exc:  # one bad instance must not stop the others
+                    logger.error("cannot start restored instance %r: %s", name, exc)
+
+
+def _spec_of(saved: SavedInstance) -> InstanceSpec:
+    fields = msgspec.structs.asdict(saved)
+    return InstanceSpec(**{k: fields[k] for k in _SPEC_FIELDS})
