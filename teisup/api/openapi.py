@@ -152,9 +152,8 @@ def openapi_document() -> dict[str, Any]:
         paths[path] = {}
         for method, operation in methods.items():
             op = {"responses": {"200": {"description": "OK"}}, **operation}
-            op["operationId"] = (
-                f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '') or 'root'}"
-            )
+            slug = path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+            op["operationId"] = f"{method}_{slug or 'root'}"
             paths[path][method] = op
     return {
         "openapi": "3.0.3",
