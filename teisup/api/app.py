@@ -124,9 +124,16 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     manager = plane.manager
 
+    def closing_if_unread(response: Response) -> Response:
+        # A refused body was never read: the connection cannot carry another
+        # request, so tell the client (and the server) to close it.
+        if response.status_code == 413:
+            response.headers["Connection"] = "close"
+        return response
+
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return _error(exc.status, exc.code, str(exc))
+        return closing_if_unread(_error(exc.status, exc.code, str(exc)))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -134,7 +141,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             status, "HTTP_ERROR"
         )
-        return _error(status, code, exc.description or exc.name)
+        return closing_if_unread(_error(status, code, exc.description or exc.name))
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:

@@ -177,6 +177,7 @@ class StateWriter:
         self._progress = trio.Event()
         self.failures = 0
         self.last_error: str | None = None
+        self._last_written: list[SavedInstance] | None = None
 
     def mark_dirty(self) -> int:
         """Request a write of the current state; return its generation."""
@@ -219,7 +220,13 @@ class StateWriter:
                 delay = min(delay * 2, 30.0)
 
     async def _write(self, generation: int) -> bool:
-        snapshot = Snapshot(last_updated=_now(), instances=self.collect())
+        instances = self.collect()
+        if instances == self._last_written:
+            # Most transitions (running <-> unhealthy, ...) change nothing a
+            # snapshot holds: no I/O, and the file keeps its last_updated.
+            self._settle(generation, written=True)
+            return True
+        snapshot = Snapshot(last_updated=_now(), instances=instances)
         began = time.perf_counter()
         ok = True
         try:
@@ -231,11 +238,16 @@ class StateWriter:
             self.last_error = f"{exc.strerror or exc} ({self.store.path})"
             logger.error("state: cannot write %s: %s", self.store.path, exc)
         else:
-            self._written = max(self._written, generation)
+            self._last_written = instances
             self.last_error = None
-        self._attempted = max(self._attempted, generation)
         if self.on_write is not None:
             self.on_write(time.perf_counter() - began, ok)
+        self._settle(generation, written=ok)
+        return ok
+
+    def _settle(self, generation: int, *, written: bool) -> None:
+        if written:
+            self._written = max(self._written, generation)
+        self._attempted = max(self._attempted, generation)
         progress, self._progress = self._progress, trio.Event()
         progress.set()
-        return ok

@@ -1,0 +1,289 @@
+"""teisup as a user runs it: a real manager process, real HTTP, the TEI test double."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+
+from teisup.instances.process import proc_state
+
+FAKE_TEI = Path(__file__).resolve().parents[1] / "fake_tei.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Teisup:
+    """A running ``teisup`` process and an HTTP client for it."""
+
+    def __init__(self, proc: trio.Process, url: str, log: list[str]) -> None:
+        self.proc = proc
+        self.url = url
+        self.log = log
+        self.http = httpx.AsyncClient(base_url=url, timeout=30)
+
+    async def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.proc.wait()
+
+
+@asynccontextmanager
+async def teisup(
+    tmp_path: Path, config: str = "", env: dict[str, str] | None = None
+) -> AsyncIterator[Teisup]:
+    router = tmp_path / "text-embeddings-router"
+    router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
+    router.chmod(0o755)
+    (tmp_path / "teisup.toml").write_text(config)
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "teisup", "-c", str(tmp_path / "teisup.toml"),
+        "--api-port", str(port), "--grpc-port", str(free_port()),
+        "--state-file", str(tmp_path / "state.toml"),
+    ]  # fmt: skip
+    child_env = {
+        **os.environ,
+        "TEI_BINARY_PATH": str(router),
+        "TEISUP_BIND_HOST": "127.0.0.1",
+        "TEI_MANAGER_HEALTH_CHECK_INTERVAL": "0.5",
+        **(env or {}),
+    }
+    log: list[str] = []
+    listening = trio.Event()
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            partial(trio.run_process, argv, env=child_env, stderr=subprocess.PIPE, check=False)
+        )
+
+        async def pump() -> None:
+            assert proc.stderr is not None
+            buffer = b""
+            while chunk := await proc.stderr.receive_some():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    log.append(line.decode(errors="replace"))
+                    if "REST API listening on" in log[-1]:
+                        listening.set()
+            listening.set()  # exited: let the waiter see it
+
+        nursery.start_soon(pump)
+        with trio.fail_after(30):
+            await listening.wait()
+        assert proc.returncode is None, "\n".join(log)
+        running = Teisup(proc, f"http://127.0.0.1:{port}", log)
+        try:
+            yield running
+        finally:
+            await running.http.aclose()
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(60):
+                await proc.wait()
+
+
+SMALL = {"name": "bge-small", "model_id": "BAAI/bge-small-en-v1.5"}
+
+
+async def wait_state(t: Teisup, name: str, state: str) -> dict[str, object]:
+    response = await t.http.get(f"/instances/{name}", params={"wait": state, "timeout": 20})
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_every_route_through_real_http(tmp_path: Path) -> None:
+    async with teisup(tmp_path) as t:
+        http = t.http
+        assert (await http.get("/health")).json()["status"] == "healthy"
+
+        created = await http.post("/instances", json=SMALL)
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert (body["name"], body["status"], body["port"]) == ("bge-small", "starting", 8080)
+        running = await wait_state(t, "bge-small", "running")
+        pid = running["pid"]
+        assert isinstance(pid, int)
+        assert proc_state(pid) not in (None, "Z")
+
+        listing = (await http.get("/instances")).json()
+        assert [i["name"] for i in listing] == ["bge-small"]
+        assert listing[0]["spec"]["model_id"] == "BAAI/bge-small-en-v1.5"
+
+        # start is idempotent: no second process
+        again = await http.post("/instances/bge-small/start")
+        assert (again.status_code, again.json()["pid"]) == (200, pid)
+
+        stopped = await http.post("/instances/bge-small/stop")
+        assert (stopped.status_code, stopped.json()["status"]) == (200, "stopped")
+        assert proc_state(pid) is None
+        assert (await http.post("/instances/bge-small/stop")).json()["status"] == "stopped"
+
+        assert (await http.post("/instances/bge-small/start")).status_code == 200
+        await wait_state(t, "bge-small", "running")
+        restarted = await http.post("/instances/bge-small/restart")
+        assert restarted.status_code == 200
+        await wait_state(t, "bge-small", "running")
+
+        logs = (await http.get("/instances/bge-small/logs", params={"tail": 3})).json()
+        assert len(logs["lines"]) == 3
+        assert logs["total_lines"] >= 3
+        health = (await http.get("/instances/bge-small/health")).json()
+        assert health["probe"]["ok"] is True
+        aggregate = (await http.get("/health")).json()["instances"]
+        assert (aggregate["status"], aggregate["running"]) == ("healthy", 1)
+        assert (await http.get("/gpus")).json() == []
+
+        tree = (await http.get("/supervisor/tree")).json()
+        assert tree["id"] == "root"
+        instances = next(c for c in tree["children"] if c["id"] == "instances")
+        assert [c["id"] for c in instances["children"]] == ["bge-small"]
+        assert instances["children"][0]["state"] == "running"
+
+        metrics = (await http.get("/metrics")).text
+        assert (
+            'tei_manager_instances_created_total{instance="bge-small",model="BAAI/bge-small-en-v1.5"} 1.0'
+            in metrics
+        )
+        assert 'teisup_instance_state{instance="bge-small",state="running"} 1.0' in metrics
+        assert "teisup_state_write_duration_seconds_count" in metrics
+
+        spec = (await http.get("/openapi.json")).json()
+        assert "/instances/{name}/restart" in spec["paths"]
+        assert "InstanceSpec" in spec["components"]["schemas"]
+
+        deleted = await http.delete("/instances/bge-small")
+        assert (deleted.status_code, deleted.content) == (204, b"")
+        missing = await http.get("/instances/bge-small")
+        assert missing.status_code == 404
+        assert missing.json()["code"] == "INSTANCE_NOT_FOUND"
+        assert (
+            'tei_manager_instances_deleted_total{instance="bge-small"} 1.0'
+            in (await http.get("/metrics")).text
+        )
+        assert await t.stop() == 0
+
+
+async def test_bad_requests_get_honest_statuses_and_change_nothing(tmp_path: Path) -> None:
+    async with teisup(tmp_path, config="max_instances = 2\n") as t:
+        http = t.http
+        assert (await http.post("/instances", json=SMALL)).status_code == 201
+        await wait_state(t, "bge-small", "running")
+        state_before = (tmp_path / "state.toml").read_bytes()
+
+        malformed = await http.post(
+            "/instances", content=b'{"name": ', headers={"content-type": "application/json"}
+        )
+        assert (malformed.status_code, malformed.json()["code"]) == (400, "INVALID_JSON")
+        missing = await http.post("/instances", json={"name": "x"})
+        assert missing.status_code == 422
+        assert "model_id" in missing.json()["error"]
+        bad_port = await http.post("/instances", json={**SMALL, "name": "y", "port": 70000})
+        assert bad_port.status_code == 422
+        assert "$.port" in bad_port.json()["error"]
+        owned = await http.post(
+            "/instances", json={**SMALL, "name": "z", "extra_args": ["--port", "1"]}
+        )
+        assert owned.status_code == 422
+        duplicate = await http.post("/instances", json=SMALL)
+        assert (duplicate.status_code, duplicate.json()["code"]) == (409, "INSTANCE_EXISTS")
+        with socket.socket() as taken:
+            taken.bind(("0.0.0.0", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            conflict = await http.post("/instances", json={**SMALL, "name": "b", "port": busy})
+        assert (conflict.status_code, conflict.json()["code"]) == (409, "PORT_CONFLICT")
+        assert str(busy) in conflict.json()["error"]
+        big = await http.post(
+            "/instances",
+            content=b'{"name": "big", "model_id": "' + b"x" * (2 << 20) + b'"}',
+            headers={"content-type": "application/json"},
+        )
+        assert big.status_code == 413
+        unknown = await http.post("/instances/nope/start")
+        assert (unknown.status_code, unknown.json()["code"]) == (404, "INSTANCE_NOT_FOUND")
+        assert (await http.get("/no/such/route")).json()["code"] == "NOT_FOUND"
+        bad_wait = await http.get("/instances/bge-small", params={"wait": "sleeping"})
+        assert bad_wait.status_code == 422
+
+        # Nothing above left half an instance behind or touched the snapshot.
+        assert [i["name"] for i in (await http.get("/instances")).json()] == ["bge-small"]
+        assert (tmp_path / "state.toml").read_bytes() == state_before
+
+        assert (await http.post("/instances", json={**SMALL, "name": "second"})).status_code == 201
+        full = await http.post("/instances", json={**SMALL, "name": "third"})
+        assert (full.status_code, full.json()["code"]) == (409, "MAX_INSTANCES_REACHED")
+        assert await t.stop() == 0
+
+
+SEED = """\
+[[instances]]
+name = "seed"
+model_id = "BAAI/bge-small-en-v1.5"
+"""
+
+
+async def test_sigterm_stops_everything_and_a_restart_restores_desired_states(
+    tmp_path: Path,
+) -> None:
+    async with teisup(tmp_path, config=SEED) as t:
+        await wait_state(t, "seed", "running")
+        assert (await t.http.post("/instances", json={**SMALL, "name": "a"})).status_code == 201
+        assert (await t.http.post("/instances", json={**SMALL, "name": "b"})).status_code == 201
+        await wait_state(t, "a", "running")
+        await wait_state(t, "b", "running")
+        assert (await t.http.post("/instances/b/stop")).status_code == 200
+        infos = (await t.http.get("/instances")).json()
+        pids = [i["pid"] for i in infos if i["pid"]]
+        assert len(pids) == 2
+        assert await t.stop() == 0
+    # Every child is gone; the final snapshot has every instance and its wish.
+    assert all(proc_state(pid) is None for pid in pids)
+    state = (tmp_path / "state.toml").read_text()
+    assert 'name = "seed"' in state
+    assert 'desired = "stopped"' in state  # b
+
+    async with teisup(tmp_path, config=SEED) as t:
+        await wait_state(t, "a", "running")
+        await wait_state(t, "seed", "running")
+        b = (await t.http.get("/instances/b")).json()
+        assert (b["status"], b["desired"]) == ("stopped", "stopped")
+        ports = {i["name"]: i["port"] for i in (await t.http.get("/instances")).json()}
+        assert len(set(ports.values())) == 3
+        assert await t.stop() == 0
+
+
+async def test_a_corrupt_snapshot_starts_empty_and_is_kept_aside(tmp_path: Path) -> None:
+    (tmp_path / "state.toml").write_text("[[instances]\nname = ")
+    async with teisup(tmp_path) as t:
+        assert (await t.http.get("/instances")).json() == []
+        metrics = (await t.http.get("/metrics")).text
+        assert 'teisup_state_restore_total{source="unreadable"} 1.0' in metrics
+        assert await t.stop() == 0
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert any("state" in line and "corrupt" in line for line in t.log)
+
+
+async def test_a_bad_config_is_refused_at_start_naming_the_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text("api_port = 9000\nhealth_check_interval = 5\n")
+    result = await trio.run_process(
+        [sys.executable, "-m", "teisup", "-c", str(tmp_path / "bad.toml")],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"line 2" in result.stderr
+    assert b"health_check_interval" in result.stderr
