@@ -24,12 +24,18 @@ RUN python3.11 -m venv /opt/teisup/venv \
 
 ENV PATH=/opt/teisup/venv/bin:$PATH \
     TEI_BINARY_PATH=/usr/local/bin/text-embeddings-router \
-    TEI_MANAGER_STATE_FILE=/data/state.toml \
+    TEI_MANAGER_STATE_FILE=/data/tei-manager-state.toml \
+    TEI_MANAGER_LOG_DIR=/data/logs \
     HUGGINGFACE_HUB_CACHE=/data/hub
 
 USER 10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 9000 9001
+# The base images do not all ship curl; the venv's Python is always there.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python3.11", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TEI_MANAGER_API_PORT', '9000'), timeout=4)"]
+# teisup itself is PID 1: it reaps the orphans it inherits and turns SIGTERM
+# into an orderly stop of every instance.
 ENTRYPOINT ["teisup"]
 CMD ["serve"]

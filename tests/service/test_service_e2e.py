@@ -154,10 +154,11 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
         assert instances["children"][0]["state"] == "running"
 
         metrics = (await http.get("/metrics")).text
-        assert (
-            'tei_manager_instances_created_total{instance="bge-small",model="BAAI/bge-small-en-v1.5"} 1.0'
-            in metrics
+        created_series = (
+            'tei_manager_instances_created_total{instance="bge-small",'
+            'model="BAAI/bge-small-en-v1.5"} 1.0'
         )
+        assert created_series in metrics
         assert 'teisup_instance_state{instance="bge-small",state="running"} 1.0' in metrics
         assert "teisup_state_write_duration_seconds_count" in metrics
 
@@ -195,7 +196,8 @@ async def test_bad_requests_get_honest_statuses_and_change_nothing(tmp_path: Pat
         assert bad_port.status_code == 422
         assert "$.port" in bad_port.json()["error"]
         owned = await http.post(
-            "/instances", json={**SMALL, "name": "z", "extra_args": ["--port", "1"]}
+            "/instances",
+            json={**SMALL, "name": "z", "extra_args": ["--port", "1"]},
         )
         assert owned.status_code == 422
         duplicate = await http.post("/instances", json=SMALL)
@@ -273,7 +275,7 @@ async def test_a_corrupt_snapshot_starts_empty_and_is_kept_aside(tmp_path: Path)
         metrics = (await t.http.get("/metrics")).text
         assert 'teisup_state_restore_total{source="unreadable"} 1.0' in metrics
         assert await t.stop() == 0
-    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert [p.name for p in await trio.Path(tmp_path).iterdir() if ".corrupt-" in p.name]
     assert any("state" in line and "corrupt" in line for line in t.log)
 
 
