@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from teisup.instances.process import proc_state
@@ -42,7 +43,10 @@ class Teisup:
 
 @asynccontextmanager
 async def teisup(
-    tmp_path: Path, config: str = "", env: dict[str, str] | None = None
+    tmp_path: Path,
+    config: str = "",
+    env: dict[str, str] | None = None,
+    state_file: Path | None = None,
 ) -> AsyncIterator[Teisup]:
     router = tmp_path / "text-embeddings-router"
     router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
@@ -52,7 +56,7 @@ async def teisup(
     argv = [
         sys.executable, "-m", "teisup", "-c", str(tmp_path / "teisup.toml"),
         "--api-port", str(port), "--grpc-port", str(free_port()),
-        "--state-file", str(tmp_path / "state.toml"),
+        "--state-file", str(state_file or tmp_path / "state.toml"),
     ]  # fmt: skip
     child_env = {
         **os.environ,
@@ -289,3 +293,40 @@ async def test_a_bad_config_is_refused_at_start_naming_the_line(tmp_path: Path) 
     assert result.returncode == 2
     assert b"line 2" in result.stderr
     assert b"health_check_interval" in result.stderr
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True, check=False).returncode == 0
+
+
+async def test_a_read_only_state_directory_keeps_the_last_snapshot_and_retries(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state_dir)):
+        pytest.skip("making a disk read-only needs mount (root with CAP_SYS_ADMIN)")
+    state = state_dir / "state.toml"
+    try:
+        async with teisup(tmp_path, state_file=state) as t:
+            assert (await t.http.post("/instances", json=SMALL)).status_code == 201
+            before = state.read_bytes()
+            assert _mount("-o", "remount,ro", str(state_dir))
+            # The disk refuses the write: the call still answers, the failure is
+            # counted and logged, and the last snapshot stays as it was.
+            second = await t.http.post("/instances", json={**SMALL, "name": "second"})
+            assert second.status_code == 201
+            metrics = (await t.http.get("/metrics")).text
+            assert "teisup_state_write_failures_total 0.0" not in metrics
+            assert state.read_bytes() == before
+            assert any("cannot write" in line for line in t.log)
+            # The disk comes back: a retry writes the snapshot with both.
+            assert _mount("-o", "remount,rw", str(state_dir))
+            third = await t.http.post("/instances", json={**SMALL, "name": "third"})
+            assert third.status_code == 201
+            saved = state.read_text()
+            assert 'name = "second"' in saved
+            assert 'name = "third"' in saved
+            assert await t.stop() == 0
+    finally:
+        subprocess.run(["umount", str(state_dir)], capture_output=True, check=False)
