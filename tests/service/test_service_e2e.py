@@ -329,4 +329,8 @@ async def test_a_read_only_state_directory_keeps_the_last_snapshot_and_retries(
             assert 'name = "third"' in saved
             assert await t.stop() == 0
     finally:
-        subprocess.run(["umount", str(state_dir)], capture_output=True, check=False)
+        _mount_umount(state_dir)
+
+
+def _mount_umount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True, check=False)
