@@ -246,26 +246,19 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         await plane.persist()
         return Response(b"", status=204)
 
-    @app.post("/instances/<name>/start")
-    @lifecycle
-    async def start_instance(name: str) -> Response:
-        await manager.start(name)
-        await plane.persist()
-        return _json(manager.get(name))
+    def action_route(action: Callable[[str], Awaitable[InstanceInfo]]) -> None:
+        """POST /instances/<name>/<action>: idempotent, answers with the instance."""
 
-    @app.post("/instances/<name>/stop")
-    @lifecycle
-    async def stop_instance(name: str) -> Response:
-        await manager.stop(name)
-        await plane.persist()
-        return _json(manager.get(name))
+        async def act(name: str) -> Response:
+            await action(name)
+            await plane.persist()
+            return _json(manager.get(name))
 
-    @app.post("/instances/<name>/restart")
-    @lifecycle
-    async def restart_instance(name: str) -> Response:
-        await manager.restart(name)
-        await plane.persist()
-        return _json(manager.get(name))
+        act.__name__ = f"{action.__name__}_instance"
+        app.post(f"/instances/<name>/{action.__name__}")(lifecycle(act))
+
+    for action in (manager.start, manager.stop, manager.restart):
+        action_route(action)
 
     @app.get("/instances/<name>/logs")
     @lifecycle
