@@ -56,3 +56,15 @@ async def running_manager(
                 with trio.CancelScope(shield=True), trio.fail_after(60):
                     await manager.supervisor.stop()
                 manager.close()
+
+
+async def wait_gone(pid: int) -> None:
+    """Until ``pid`` has exited (its pidfd turns readable)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)

@@ -30,7 +30,7 @@ from teisup.rpc import fetch_info
 from teisup.supervision import Backoff, ChildState, RestartType
 
 from ..supervision.helpers import wait_for
-from .conftest import running_manager
+from .conftest import running_manager, wait_gone
 
 QUICK = RestartPolicy(backoff=Backoff(initial=0.1, maximum=1.0))
 
@@ -39,17 +39,6 @@ def spec(name: str = "bge-small", **kwargs: object) -> InstanceSpec:
     kwargs.setdefault("restart", QUICK)
     kwargs.setdefault("stop_grace_secs", 5.0)
     return InstanceSpec(name=name, model_id="BAAI/bge-small-en-v1.5", **kwargs)  # type: ignore[arg-type]
-
-
-async def wait_gone(pid: int) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
 
 
 def alive(pid: int | None) -> bool:

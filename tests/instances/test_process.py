@@ -22,6 +22,8 @@ from teisup.instances.process import (
     wait_for_exit,
 )
 
+from .conftest import wait_gone
+
 
 async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
     data = b""
@@ -35,18 +37,6 @@ async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
 def pipe(fileobj: object) -> trio.lowlevel.FdStream:
     fd = fileobj.fileno()  # type: ignore[attr-defined]
     return trio.lowlevel.FdStream(os.dup(fd))
-
-
-async def wait_gone(pid: int) -> None:
-    """Until ``pid`` has exited (its pidfd turns readable)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
 
 
 async def test_spawned_child_leads_its_own_group_and_reports_its_exit_code() -> None:
