@@ -111,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"teisup: {exc}", file=sys.stderr)
         return 2
     try:
+        config.resolve_api_token()
+    except ConfigError as exc:
+        print(f"teisup: {exc}", file=sys.stderr)
+        return 2
+    try:
         trio.run(serve, config)
     except OSError as exc:
         logger.error("cannot run: %s", exc)

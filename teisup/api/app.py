@@ -9,6 +9,8 @@ counted; the call still reports what happened).
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -60,6 +62,12 @@ class ControlPlane(Protocol):
     def on_deleted(self, name: str) -> None: ...
 
     async def probe_now(self, name: str) -> dict[str, Any]: ...
+
+    @property
+    def api_token(self) -> str | None: ...
+
+    @property
+    def protect_health_and_metrics(self) -> bool: ...
 
 
 class ApiError(Exception):
@@ -124,16 +132,19 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     manager = plane.manager
 
-    def closing_if_unread(response: Response) -> Response:
-        # A refused body was never read: the connection cannot carry another
-        # request, so tell the client (and the server) to close it.
-        if response.status_code == 413:
+    @app.after_request
+    async def close_after_refused_body(response: Response) -> Response:
+        # A request refused before its body was read (401, 413, a bad route)
+        # leaves that body in the connection, which then cannot carry another
+        # request: ask the client to reconnect instead.
+        has_body = request.content_length or "Transfer-Encoding" in request.headers
+        if response.status_code >= 400 and has_body:
             response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return closing_if_unread(_error(exc.status, exc.code, str(exc)))
+        return _error(exc.status, exc.code, str(exc))
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -141,7 +152,24 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             status, "HTTP_ERROR"
         )
-        return closing_if_unread(_error(status, code, exc.description or exc.name))
+        return _error(status, code, exc.description or exc.name)
+
+    public = {"/health", "/metrics"}
+    expected = f"Bearer {plane.api_token}".encode() if plane.api_token else None
+
+    @app.before_request
+    async def authenticate() -> Response | None:
+        if expected is None:
+            return None
+        if request.path in public and not plane.protect_health_and_metrics:
+            return None
+        given = request.headers.get("Authorization", "").encode()
+        # Constant time, whatever the length or content of what was sent.
+        if hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest()):
+            return None
+        response = _error(401, "UNAUTHENTICATED", "missing or wrong API token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="teisup"'
+        return response
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:

@@ -73,6 +73,13 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     prometheus_port_end: Port = 9200
     #: Applies to instances created without a ``restart`` of their own.
     default_restart: RestartPolicy = RestartPolicy()
+    #: Bearer token required on every route that changes or reveals instances
+    #: (``TEISUP_API_TOKEN``); or read from ``api_token_file``.
+    api_token: str | None = None
+    api_token_file: str | None = None
+    #: Also require the token on /health and /metrics (open by default, for
+    #: probes and scrapers).
+    protect_health_and_metrics: bool = False
     #: Leftovers of a killed manager are found by this id; default: derived
     #: from the state file's path, so a restart on the same state finds them.
     manager_id: str | None = None
@@ -112,6 +119,24 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             ports[self.grpc_port] = "the manager's gRPC port"
         return ports
 
+    def resolve_api_token(self) -> str | None:
+        """The API token, from the setting or its file; ConfigError if unusable."""
+        if self.api_token is not None and self.api_token_file is not None:
+            raise ConfigError("set api_token or api_token_file, not both")
+        token = self.api_token
+        if self.api_token_file is not None:
+            try:
+                token = Path(self.api_token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"api_token_file {self.api_token_file}: {exc.strerror or exc}"
+                ) from None
+            if not token:
+                raise ConfigError(f"api_token_file {self.api_token_file} is empty")
+        if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
+            raise ConfigError("api_token must be at least 16 characters with no whitespace")
+        return token
+
     @property
     def effective_log_dir(self) -> str:
         return self.log_dir or os.path.join(os.path.dirname(self.state_file) or ".", "logs")
@@ -136,6 +161,8 @@ ENVIRONMENT = {
     "TEISUP_BIND_HOST": "bind_host",
     "TEISUP_MAX_INSTANCES": "max_instances",
     "TEISUP_MANAGER_ID": "manager_id",
+    "TEISUP_API_TOKEN": "api_token",
+    "TEISUP_API_TOKEN_FILE": "api_token_file",
 }
 
 
@@ -190,6 +217,8 @@ class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     bind_host: str | None = None
     max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
     manager_id: str | None = None
+    api_token: str | None = None
+    api_token_file: str | None = None
 
 
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")

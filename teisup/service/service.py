@@ -83,6 +83,9 @@ class Service:
         self.launcher = launcher or resolve_launcher(config.tei_binary_path)
         self.environ = dict(os.environ if environ is None else environ)
         self.store = StateStore(config.state_file)
+        #: Resolved once: a missing or empty token file is a start-up error.
+        self.api_token = config.resolve_api_token()
+        self.protect_health_and_metrics = config.protect_health_and_metrics
         self._gpus: list[GpuInfo] = []
         self.api_urls: list[str] = []
         self._root: Supervisor | None = None
@@ -143,6 +146,12 @@ class Service:
     ) -> None:
         """Run until `stop` (or until the root supervisor gives up)."""
         config = self.config
+        if self.api_token is None and config.bind_host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning(
+                "the REST API listens on %s with no API token: anyone who can reach it can "
+                "start processes on this host. Set TEISUP_API_TOKEN (or api_token_file).",
+                config.bind_host,
+            )
         if not set_child_subreaper():
             logger.warning("cannot become a child subreaper; orphaned grandchildren go to init")
         async with ProcessSpawner() as spawner:

@@ -113,3 +113,31 @@ def test_the_manager_id_follows_the_state_file(tmp_path: Path) -> None:
         != ManagerConfig(state_file=str(tmp_path / "b.toml")).effective_manager_id
     )
     assert ManagerConfig(manager_id="fixed").effective_manager_id == "fixed"
+
+
+def test_the_api_token_comes_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    token = "0123456789abcdef-token"
+    assert load_config(None, environ={"TEISUP_API_TOKEN": token}).resolve_api_token() == token
+    (tmp_path / "token").write_text(token + "\n")
+    config = load_config(None, environ={"TEISUP_API_TOKEN_FILE": str(tmp_path / "token")})
+    assert config.resolve_api_token() == token
+    assert load_config(None, environ={}).resolve_api_token() is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"api_token_file": "/nonexistent/token"}, "/nonexistent/token"),
+        ({"api_token": "short"}, "at least 16"),
+        ({"api_token": "a" * 20, "api_token_file": "/x"}, "not both"),
+    ],
+)
+def test_an_unusable_token_is_refused_at_start(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ManagerConfig(**settings).resolve_api_token()  # type: ignore[arg-type]
+
+
+def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        ManagerConfig(api_token_file=str(tmp_path / "token")).resolve_api_token()

@@ -334,3 +334,48 @@ async def test_a_read_only_state_directory_keeps_the_last_snapshot_and_retries(
 
 def _mount_umount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True, check=False)
+
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+async def test_the_api_token_guards_every_route_that_changes_or_reveals_instances(
+    tmp_path: Path,
+) -> None:
+    async with teisup(tmp_path, env={"TEISUP_API_TOKEN": TOKEN}) as t:
+        http = t.http
+        right = {"Authorization": f"Bearer {TOKEN}"}
+        wrong = {"Authorization": "Bearer not-the-token-at-all-00000"}
+        assert (await http.post("/instances", json=SMALL, headers=right)).status_code == 201
+        routes = [
+            ("GET", "/instances"),
+            ("POST", "/instances"),
+            ("GET", "/instances/bge-small"),
+            ("POST", "/instances/bge-small/stop"),
+            ("POST", "/instances/bge-small/start"),
+            ("POST", "/instances/bge-small/restart"),
+            ("GET", "/instances/bge-small/logs"),
+            ("GET", "/instances/bge-small/health"),
+            ("DELETE", "/instances/bge-small"),
+            ("GET", "/supervisor/tree"),
+            ("GET", "/gpus"),
+            ("GET", "/openapi.json"),
+        ]
+        for method, path in routes:
+            for headers in ({}, wrong, {"Authorization": TOKEN}):
+                response = await http.request(method, path, headers=headers, json=SMALL)
+                assert response.status_code == 401, (method, path, headers)
+                assert response.json()["code"] == "UNAUTHENTICATED"
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await http.get("/instances", headers=right)).status_code == 200
+        # Probes and scrapers need no token; nothing logged the token.
+        assert (await http.get("/health")).status_code == 200
+        assert (await http.get("/metrics")).status_code == 200
+        assert await t.stop() == 0
+    assert not any(TOKEN in line for line in t.log)
+
+
+async def test_an_open_api_on_a_network_address_is_loudly_warned_about(tmp_path: Path) -> None:
+    async with teisup(tmp_path, env={"TEISUP_BIND_HOST": "0.0.0.0"}) as t:
+        assert await t.stop() == 0
+    assert any("with no API token" in line for line in t.log)
