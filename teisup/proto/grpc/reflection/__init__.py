@@ -1,0 +1,1 @@
+"""Generated from protos/grpc/reflection/ by tools/gen_protos.py."""

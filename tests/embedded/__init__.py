@@ -1,0 +1,1 @@
+"""Tests of teisup.embedded, the embedded TEI backend."""

@@ -1,0 +1,138 @@
+"""The command line, offline model resolution and the metrics text: no torch needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from teisup.embedded.cli import Settings, parse_settings
+from teisup.embedded.metrics import Metrics, serve_metrics
+from teisup.embedded.models import ModelNotFound, resolve_model
+
+
+def test_defaults_are_teis() -> None:
+    settings = parse_settings([], env={})
+    assert settings == Settings()
+    assert (settings.port, settings.prometheus_port, settings.max_batch_tokens) == (
+        3000,
+        9000,
+        16384,
+    )
+    assert (settings.max_concurrent_requests, settings.max_client_batch_size) == (512, 32)
+
+
+def test_flags_and_environment() -> None:
+    env = {"PORT": "8081", "MAX_BATCH_TOKENS": "512", "JSON_OUTPUT": "true", "API_KEY": "k"}
+    settings = parse_settings(["--port", "8082", "--auto-truncate", "--pooling", "splade"], env=env)
+    assert settings.port == 8082  # the command line wins
+    assert settings.max_batch_tokens == 512
+    assert settings.json_output is True
+    assert settings.auto_truncate is True
+    assert (settings.api_key, settings.pooling) == ("k", "splade")
+    # Docker's HOSTNAME (a container id) is not an IP: TEI falls back to 0.0.0.0.
+    assert parse_settings([], env={"HOSTNAME": "76f54a599a7b"}).hostname == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--bogus"], {}),
+        (["--port"], {}),
+        (["--port", "70000"], {}),
+        (["--max-batch-tokens", "-1"], {}),
+        (["--pooling", "max"], {}),
+        (["--auto-truncate", "true"], {}),
+        (["--default-prompt", "a", "--default-prompt-name", "b"], {}),
+        (["--max-batch"], {}),  # no prefix guessing
+        ([], {"JSON_OUTPUT": "1"}),  # clap: exactly true or false
+        ([], {"PORT": "eighty"}),
+        ([], {"DEFAULT_PROMPT": "a", "DEFAULT_PROMPT_NAME": "b"}),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(argv, env=env)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: text-embeddings-router" in err
+    assert "error:" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(["--version"], env={})
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == "text-embeddings-router 1.8.3"
+
+
+def test_models_resolve_offline(tmp_path: Path) -> None:
+    local = tmp_path / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert resolve_model(str(local), env={}).source == "directory"
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--cached"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    found = resolve_model("org/cached", env={"HF_HOME": str(tmp_path)})
+    assert (found.path, found.source) == (snapshot, "hub-cache")
+    assert resolve_model("org/cached", revision="abc123", hub_cache=str(cache)).path == snapshot
+
+    with pytest.raises(ModelNotFound) as err:
+        resolve_model("org/missing", hub_cache=str(cache), env={})
+    message = str(err.value)
+    assert "not available offline" in message
+    assert str(cache) in message
+    assert "local directory org/missing" in message
+    assert len(err.value.places) == 3
+
+
+def test_metrics_text_is_the_exporters() -> None:
+    metrics = Metrics()
+    metrics.inc("te_request_count", method="single")
+    metrics.inc("te_request_failure", err="validation")
+    metrics.set("te_queue_size", 3)
+    metrics.observe("te_request_duration", 0.002)
+    metrics.observe("te_batch_next_size", 5)
+    text = metrics.render()
+    assert '# TYPE te_request_count counter\nte_request_count{method="single"} 1\n' in text
+    assert "te_queue_size 3\n" in text
+    assert 'te_batch_next_size_bucket{le="4"} 0\n' in text
+    assert 'te_batch_next_size_bucket{le="8"} 1\n' in text
+    assert 'te_request_duration_bucket{le="+Inf"} 1\n' in text
+    assert "te_request_duration_count 1\n" in text
+    assert "_total" not in text
+    assert "te_embed_count" not in text  # a metric appears once used
+    assert Metrics().render() == ""
+
+
+async def test_exporter_serves_health_and_metrics() -> None:
+    metrics = Metrics()
+    metrics.inc("te_embed_count")
+
+    async def get(port: int, path: str) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+        return data
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
+        health = await get(port, "/health")
+        assert health.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert health.endswith(b"\r\n\r\nOK")
+        assert b"te_embed_count 1" in await get(port, "/anything")
+        with pytest.raises(OSError, match=r"(?i)address already in use"):  # fails at bind
+            await nursery.start(serve_metrics, metrics, "127.0.0.1", port)
+        nursery.cancel_scope.cancel()
