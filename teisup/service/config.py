@@ -80,6 +80,10 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: Also require the token on /health and /metrics (open by default, for
     #: probes and scrapers).
     protect_health_and_metrics: bool = False
+    #: With the embedded backend (no TEI binary) and nothing configured or
+    #: saved, start one instance of the packaged CPU model, so a bare
+    #: ``teisup`` has something to serve (``TEISUP_DEFAULT_INSTANCE``).
+    default_instance: bool = True
     #: Leftovers of a killed manager are found by this id; default: derived
     #: from the state file's path, so a restart on the same state finds them.
     manager_id: str | None = None
@@ -163,6 +167,7 @@ ENVIRONMENT = {
     "TEISUP_MANAGER_ID": "manager_id",
     "TEISUP_API_TOKEN": "api_token",
     "TEISUP_API_TOKEN_FILE": "api_token_file",
+    "TEISUP_DEFAULT_INSTANCE": "default_instance",
 }
 
 
@@ -219,6 +224,7 @@ class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     manager_id: str | None = None
     api_token: str | None = None
     api_token_file: str | None = None
+    default_instance: bool | None = None
 
 
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")

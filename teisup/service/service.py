@@ -64,6 +64,9 @@ logger = logging.getLogger("teisup")
 
 _SPEC_FIELDS = tuple(f for f in InstanceSpec.__struct_fields__)
 
+#: What a bare ``teisup`` serves with no TEI binary: the packaged CPU model.
+DEFAULT_INSTANCE = InstanceSpec(name="minilm", model_id="sentence-transformers/all-MiniLM-L6-v2")
+
 
 class Service:
     """teisup as one object: build it from a config, `run` it, `stop` it."""
@@ -232,6 +235,17 @@ class Service:
         for seed in self.config.instances:
             if seed.name not in manager.names():
                 self._register(seed, None, "running")
+        if not manager.names() and self._embedded and self.config.default_instance:
+            logger.info(
+                "no instances configured or saved: starting %r (%s) on the embedded backend",
+                DEFAULT_INSTANCE.name,
+                DEFAULT_INSTANCE.model_id,
+            )
+            self._register(DEFAULT_INSTANCE, None, "running")
+
+    @property
+    def _embedded(self) -> bool:
+        return self.launcher[1:] == ["-m", "teisup.embedded"]
 
     def _register(self, spec: InstanceSpec, saved: SavedInstance | None, desired: str) -> None:
         try:

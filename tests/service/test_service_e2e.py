@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from teisup.instances.process import proc_state
+from teisup.rpc import fetch_info
 
 FAKE_TEI = Path(__file__).resolve().parents[1] / "fake_tei.py"
 
@@ -379,3 +380,18 @@ async def test_an_open_api_on_a_network_address_is_loudly_warned_about(tmp_path:
     async with teisup(tmp_path, env={"TEISUP_BIND_HOST": "0.0.0.0"}) as t:
         assert await t.stop() == 0
     assert any("with no API token" in line for line in t.log)
+
+
+@pytest.mark.slow
+async def test_a_bare_teisup_serves_the_embedded_default(tmp_path: Path) -> None:
+    """The README's run command: no TEI binary, nothing configured."""
+    env = {"TEI_BINARY_PATH": str(tmp_path / "no-such-router"), "PATH": os.defpath}
+    async with teisup(tmp_path, env=env) as t:
+        minilm = await wait_state(t, "minilm", "running")
+        assert minilm["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+        port = minilm["port"]
+        assert isinstance(port, int)
+        info = await fetch_info("127.0.0.1", port, timeout=10)
+        assert (info.model_id, info.max_input_length) == (minilm["model_id"], 256)
+        assert await t.stop() == 0
+    assert any("TEI binary" in line and "embedded backend" in line for line in t.log)
