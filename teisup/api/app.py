@@ -274,18 +274,19 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         await plane.persist()
         return Response(b"", status=204)
 
-    def action_route(action: Callable[[str], Awaitable[InstanceInfo]]) -> None:
+    def action_route(action: str) -> None:
         """POST /instances/<name>/<action>: idempotent, answers with the instance."""
 
         async def act(name: str) -> Response:
-            await action(name)
+            perform: Callable[[str], Awaitable[InstanceInfo]] = getattr(manager, action)
+            await perform(name)
             await plane.persist()
             return _json(manager.get(name))
 
-        act.__name__ = f"{action.__name__}_instance"
-        app.post(f"/instances/<name>/{action.__name__}")(lifecycle(act))
+        act.__name__ = f"{action}_instance"
+        app.post(f"/instances/<name>/{action}")(lifecycle(act))
 
-    for action in (manager.start, manager.stop, manager.restart):
+    for action in ("start", "stop", "restart"):
         action_route(action)
 
     @app.get("/instances/<name>/logs")
