@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -29,20 +33,23 @@ def test_unknown_command_is_a_usage_error() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_serve_stops_cleanly_on_a_signal(signum: signal.Signals) -> None:
+async def test_serve_stops_cleanly_on_a_signal(signum: signal.Signals, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        sys.executable, "-m", "teisup", "serve", "--api-port", str(port),
+        "--state-file", str(tmp_path / "state.toml"), "--log-format", "json",
+    ]  # fmt: skip
+    env = {**os.environ, "TEISUP_DEFAULT_INSTANCE": "false", "TEISUP_BIND_HOST": "127.0.0.1"}
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-m", "teisup", "serve"],
-                stderr=subprocess.PIPE,
-                check=False,
-            )
+            partial(trio.run_process, argv, env=env, stderr=subprocess.PIPE, check=False)
         )
         assert proc.stderr is not None
         log = b""
         with trio.fail_after(30):
-            while b"running" not in log:
+            while b"stop with SIGTERM" not in log:
                 chunk = await proc.stderr.receive_some()
                 assert chunk, f"teisup exited early: {log.decode()}"
                 log += chunk
@@ -50,4 +57,7 @@ async def test_serve_stops_cleanly_on_a_signal(signum: signal.Signals) -> None:
             while chunk := await proc.stderr.receive_some():
                 log += chunk
             assert await proc.wait() == 0
-    assert f"received {signum.name}; stopping" in log.decode()
+    lines = [json.loads(line) for line in log.decode().splitlines()]
+    assert f"received {signum.name}; stopping" in [line["message"] for line in lines]
+    assert {"timestamp", "level", "target", "message"} <= set(lines[0])
+    assert (tmp_path / "state.toml").exists() or lines[-1]["message"] == "teisup stopped"

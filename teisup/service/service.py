@@ -293,6 +293,8 @@ class Service:
         ]
         config.graceful_timeout = 5.0
         config.accesslog = None
+        # Through our logging setup, so --log-format json covers hypercorn too.
+        config.errorlog = logging.getLogger("teisup.api")
         app = create_app(self)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
