@@ -16,6 +16,8 @@ import trio
 from . import __version__
 from .service.config import ConfigError, ManagerConfig, load_config
 from .service.service import Service
+from .service.tls import TlsError
+from .service.tls import validate as validate_tls
 
 __all__ = ["build_parser", "main"]
 
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config.resolve_api_token()
-    except ConfigError as exc:
+        validate_tls(config.tls)
+    except (ConfigError, TlsError) as exc:
         print(f"teisup: {exc}", file=sys.stderr)
         return 2
     try:

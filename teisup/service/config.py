@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import msgspec
 
 from ..instances.spec import InstanceSpec, RestartPolicy
+from .tls import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
 
@@ -80,6 +81,8 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: Also require the token on /health and /metrics (open by default, for
     #: probes and scrapers).
     protect_health_and_metrics: bool = False
+    #: TLS (and client certificates) for the REST API and the gRPC multiplexer.
+    tls: TlsSettings = TlsSettings()
     #: With the embedded backend (no TEI binary) and nothing configured or
     #: saved, start one instance of the packaged CPU model, so a bare
     #: ``teisup`` has something to serve (``TEISUP_DEFAULT_INSTANCE``).
@@ -198,12 +201,15 @@ def load_config(
         value = env.get(variable)
         if value is not None and value != "":
             from_env[key] = value
+    tls_env = {key: env[var] for var, key in TLS_ENVIRONMENT.items() if env.get(var)}
     try:
         # Environment values are strings: msgspec coerces them (strict=False),
         # and only them, so a file that says port = "9000" is still an error.
         typed = msgspec.convert(from_env, _EnvView, strict=False)
         env_part = {key: getattr(typed, key) for key in from_env}
         merged = {**data, **env_part, **(overrides or {})}
+        if tls_env:
+            merged["tls"] = {**(merged.get("tls") or {}), **tls_env}
         return msgspec.convert(merged, ManagerConfig, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, path, source, from_env)) from None
@@ -225,6 +231,15 @@ class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_token: str | None = None
     api_token_file: str | None = None
     default_instance: bool | None = None
+
+
+#: ``[tls]`` keys settable from the environment.
+TLS_ENVIRONMENT = {
+    "TEISUP_TLS_CERT": "cert",
+    "TEISUP_TLS_KEY": "key",
+    "TEISUP_TLS_CA": "ca",
+    "TEISUP_TLS_CLIENT_AUTH": "client_auth",
+}
 
 
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")

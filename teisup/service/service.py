@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from functools import partial
 from typing import Any
@@ -57,6 +58,7 @@ from ..supervision import (
 from .config import ManagerConfig
 from .metrics import Metrics
 from .state import SavedInstance, Snapshot, StateStore, StateWriter
+from .tls import validate as validate_tls
 
 __all__ = ["Service"]
 
@@ -149,10 +151,11 @@ class Service:
     ) -> None:
         """Run until `stop` (or until the root supervisor gives up)."""
         config = self.config
-        if self.api_token is None and config.bind_host not in ("127.0.0.1", "::1", "localhost"):
+        open_api = self.api_token is None and not config.tls.enabled
+        if open_api and config.bind_host not in ("127.0.0.1", "::1", "localhost"):
             logger.warning(
-                "the REST API listens on %s with no API token: anyone who can reach it can "
-                "start processes on this host. Set TEISUP_API_TOKEN (or api_token_file).",
+                "the REST API listens on %s with no API token and no TLS: anyone who can reach "
+                "it can start processes on this host. Set TEISUP_API_TOKEN (or api_token_file).",
                 config.bind_host,
             )
         if not set_child_subreaper():
@@ -295,6 +298,15 @@ class Service:
         config.accesslog = None
         # Through our logging setup, so --log-format json covers hypercorn too.
         config.errorlog = logging.getLogger("teisup.api")
+        tls = self.config.tls
+        if tls.enabled:
+            validate_tls(tls)
+            config.certfile, config.keyfile, config.ca_certs = tls.cert, tls.key, tls.ca
+            config.verify_mode = {
+                "none": ssl.CERT_NONE,
+                "optional": ssl.CERT_OPTIONAL,
+                "required": ssl.CERT_REQUIRED,
+            }[tls.client_auth]
         app = create_app(self)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(

@@ -31,11 +31,11 @@ def free_port() -> int:
 class Teisup:
     """A running ``teisup`` process and an HTTP client for it."""
 
-    def __init__(self, proc: trio.Process, url: str, log: list[str]) -> None:
+    def __init__(self, proc: trio.Process, url: str, log: list[str], **client: object) -> None:
         self.proc = proc
         self.url = url
         self.log = log
-        self.http = httpx.AsyncClient(base_url=url, timeout=30)
+        self.http = httpx.AsyncClient(base_url=url, timeout=30, **client)  # type: ignore[arg-type]
 
     async def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -48,6 +48,8 @@ async def teisup(
     config: str = "",
     env: dict[str, str] | None = None,
     state_file: Path | None = None,
+    scheme: str = "http",
+    client: dict[str, object] | None = None,
 ) -> AsyncIterator[Teisup]:
     router = tmp_path / "text-embeddings-router"
     router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
@@ -89,7 +91,7 @@ async def teisup(
         with trio.fail_after(30):
             await listening.wait()
         assert proc.returncode is None, "\n".join(log)
-        running = Teisup(proc, f"http://127.0.0.1:{port}", log)
+        running = Teisup(proc, f"{scheme}://127.0.0.1:{port}", log, **(client or {}))
         try:
             yield running
         finally:
