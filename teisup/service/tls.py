@@ -106,7 +106,8 @@ def server_context(settings: TlsSettings, *, alpn: list[str]) -> ssl.SSLContext:
     negotiates no ALPN protocol.
     """
     validate(settings)
-    assert settings.cert is not None and settings.key is not None
+    assert settings.cert is not None
+    assert settings.key is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(settings.cert, settings.key)
