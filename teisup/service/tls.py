@@ -67,6 +67,13 @@ def _certificates(path: str, what: str) -> list[x509.Certificate]:
 
 def validate(settings: TlsSettings, *, now: datetime.datetime | None = None) -> None:
     """Check everything a server context needs; raise `TlsError` naming the file."""
+    if settings.allowed_subjects or settings.allowed_sans:
+        # Accepting a security setting that is not enforced would be worse
+        # than refusing it (tei-manager's documented-but-absent settings).
+        raise TlsError(
+            "tls: allowed_subjects and allowed_sans are not enforced by this version yet; "
+            "remove them (every client the CA vouches for is let in) or upgrade"
+        )
     if not settings.enabled:
         if settings.ca or settings.client_auth != "none":
             raise TlsError("tls: a CA or client_auth needs cert and key too")
