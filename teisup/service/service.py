@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from ..api import create_app
+from ..grpc import Multiplexer
 from ..instances import (
     GpuInfo,
     HealthSettings,
@@ -96,6 +97,7 @@ class Service:
         self._root: Supervisor | None = None
         self._manager: InstanceManager | None = None
         self._writer: StateWriter | None = None
+        self.multiplexer: Multiplexer | None = None
         self.metrics = Metrics(instances=self._instances, gpus=lambda: list(self._gpus))
 
     # -- what the API uses ----------------------------------------------------
@@ -195,6 +197,12 @@ class Service:
             if swept:
                 logger.warning("killed %d process(es) left by a previous manager", len(swept))
             self._take_back(self._load())
+            grpc = []
+            if config.grpc_enabled:
+                self.multiplexer = Multiplexer(
+                    manager, host=config.bind_host, port=config.grpc_port
+                )
+                grpc = [ChildSpec("grpc", self.multiplexer.run, shutdown=30.0)]
             self._root = Supervisor(
                 "root",
                 [
@@ -202,6 +210,7 @@ class Service:
                     ChildSpec("observer", self._observe, shutdown=BRUTAL_KILL),
                     ChildSpec("instances", manager.supervisor),
                     ChildSpec("api", self._serve_api, shutdown=30.0),
+                    *grpc,
                     ChildSpec("poller", self._poll_gpus, shutdown=BRUTAL_KILL),
                     ChildSpec("reaper", self._reap, shutdown=BRUTAL_KILL),
                     ChildSpec(

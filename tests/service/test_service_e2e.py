@@ -36,6 +36,7 @@ class Teisup:
         self.url = url
         self.log = log
         self.http = httpx.AsyncClient(base_url=url, timeout=30, **client)  # type: ignore[arg-type]
+        self.grpc_port = 0
 
     async def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -55,10 +56,10 @@ async def teisup(
     router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
     router.chmod(0o755)
     (tmp_path / "teisup.toml").write_text(config)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "teisup", "-c", str(tmp_path / "teisup.toml"),
-        "--api-port", str(port), "--grpc-port", str(free_port()),
+        "--api-port", str(port), "--grpc-port", str(grpc_port),
         "--state-file", str(state_file or tmp_path / "state.toml"),
     ]  # fmt: skip
     child_env = {
@@ -92,6 +93,7 @@ async def teisup(
             await listening.wait()
         assert proc.returncode is None, "\n".join(log)
         running = Teisup(proc, f"{scheme}://127.0.0.1:{port}", log, **(client or {}))
+        running.grpc_port = grpc_port
         try:
             yield running
         finally:
@@ -397,3 +399,23 @@ async def test_a_bare_teisup_serves_the_embedded_default(tmp_path: Path) -> None
         assert (info.model_id, info.max_input_length) == (minilm["model_id"], 256)
         assert await t.stop() == 0
     assert any("TEI binary" in line and "embedded backend" in line for line in t.log)
+
+
+async def test_the_multiplexer_serves_as_a_child_of_the_service(tmp_path: Path) -> None:
+    from teisup.proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
+    from teisup.rpc import call_once
+
+    async with teisup(tmp_path) as t:
+        await t.http.post("/instances", json=SMALL)
+        await wait_state(t, "bge-small", "running")
+        tree = (await t.http.get("/supervisor/tree")).json()
+        assert [c["id"] for c in tree["children"]][3:5] == ["api", "grpc"]
+
+        async def info(channel: object) -> object:
+            stub = multiplexer_grpc.TeiMultiplexerStub(channel)
+            target = multiplexer_pb2.Target(instance_name="bge-small")
+            return await stub.Info(multiplexer_pb2.InfoRequest(target=target))
+
+        answer = await call_once("127.0.0.1", t.grpc_port, info, timeout=10)  # type: ignore[arg-type]
+        assert answer.model_id == "BAAI/bge-small-en-v1.5"  # type: ignore[attr-defined]
+        assert await t.stop() == 0

@@ -1,0 +1,31 @@
+"""The ``tei_multiplexer.v1`` gRPC multiplexer: one endpoint for every TEI instance.
+
+* `Multiplexer` (`server.py`): the server, its backend pool, health and
+  reflection; ``Multiplexer(manager, host=..., port=...).run`` is the
+  supervised child, `serve_multiplexer` the plain Trio entry point;
+* `routing` (pure): a `Target` to an instance, or the gRPC status refusing it;
+* `pool`: one long-lived connection per instance, bounded in-flight calls,
+  deadlines, UNAVAILABLE instead of hangs;
+* `arrow` (pure): EmbedArrow / EmbedSparseArrow input and output;
+* `service`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer``.
+"""
+
+from .pool import BackendPool
+from .routing import Replica, RoutingError, resolve
+from .server import DEFAULT_PORT, Multiplexer, MultiplexerServer, serve_multiplexer
+from .service import SERVICE_NAME, InstanceRecord, InstanceSource, MultiplexerService
+
+__all__ = [
+    "DEFAULT_PORT",
+    "SERVICE_NAME",
+    "BackendPool",
+    "InstanceRecord",
+    "InstanceSource",
+    "Multiplexer",
+    "MultiplexerServer",
+    "MultiplexerService",
+    "Replica",
+    "RoutingError",
+    "resolve",
+    "serve_multiplexer",
+]

@@ -1,0 +1,453 @@
+"""The backend pool: one long-lived purerpc connection per instance, and calls that cannot hang.
+
+`BackendPool.call` runs one backend call for one instance:
+
+1. **Backpressure.** Each instance has a `trio.CapacityLimiter` of its
+   ``max_concurrent_requests`` slots; a call waits at most ``queue_timeout``
+   seconds for one, then fails with RESOURCE_EXHAUSTED. A stream or an Arrow
+   request holds one slot for its whole life. Nothing queues without bound.
+2. **Connection.** The instance's connection is reused while its
+   ``(pid, port)`` is unchanged and it is alive; otherwise a new one is opened
+   (within ``connect_timeout``) and the old one closed. A connection is held
+   open by its own task in the pool's nursery (`teisup.rpc.open_channel` ties a
+   socket's life to a block); when it dies (the backend exited, reset, spoke
+   garbage), that task cancels every call running on it, which then fail with
+   UNAVAILABLE at once. This is the fix for purerpc's worst trap: a client call
+   on a connection whose server died waits forever.
+3. **Deadline.** The call runs under ``timeout`` seconds when given
+   (DEADLINE_EXCEEDED ``Request timeout`` past it, tei-manager's words), and
+   the backend is told its own deadline through ``grpc-timeout`` by the
+   helpers in this module (`unary`, `open_stream`).
+4. **Errors.** A backend's error status passes through unchanged (a
+   `purerpc.RpcFailedError` with its code and message); transport failures
+   become UNAVAILABLE naming the instance and address; a message over
+   purerpc's size limit becomes RESOURCE_EXHAUSTED.
+
+Cancellation (the client went away, the server stops) passes through: the
+backend stream is reset (RST_STREAM CANCEL) so the connection keeps no state
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import h2.errors
+import h2.exceptions
+import trio
+from purerpc import RpcFailedError, Status, StatusCode
+from purerpc.grpclib.events import ResponseEnded
+from purerpc.grpclib.exceptions import GRPCError, MessageTooLargeError, raise_status
+
+from teisup.rpc import Channel, RpcUnavailable, open_channel
+
+__all__ = [
+    "BackendPool",
+    "BackendStream",
+    "InstanceView",
+    "open_stream",
+    "status_error",
+    "unary",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Failures of the transport, as opposed to an answer from the backend.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    h2.exceptions.H2Error,
+    GRPCError,
+)
+
+
+class InstanceView(Protocol):
+    """What the pool reads from an instance (`teisup.instances.InstanceInfo` fits)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int | None: ...
+
+
+def status_error(code: StatusCode, message: str) -> RpcFailedError:
+    """An exception that ends a purerpc call with ``code`` and ``message``."""
+    return RpcFailedError(Status(code, message))
+
+
+@dataclass(eq=False)
+class _Connection:
+    key: tuple[int | None, int]
+    channel: Channel | None = None
+    reason: str = ""
+    died: trio.Event = field(default_factory=trio.Event)
+    close_requested: trio.Event = field(default_factory=trio.Event)
+    calls: set[trio.CancelScope] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Entry:
+    limiter: trio.CapacityLimiter
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    connection: _Connection | None = None
+    waiting: int = 0
+
+
+class BackendPool:
+    """Connections to the instances' ``tei.v1`` servers, and calls over them.
+
+    Run it first (``await nursery.start(pool.run)``): the connections live in
+    its nursery and are all closed when `run` is cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        connect_timeout: float = 5.0,
+        queue_timeout: float = 1.0,
+    ) -> None:
+        self.host = host
+        self.connect_timeout = connect_timeout
+        self.queue_timeout = queue_timeout
+        self._entries: dict[str, _Entry] = {}
+        self._nursery: trio.Nursery | None = None
+        # Replaced on every change of a call's state, so a waiter never misses one.
+        self._calls_changed = trio.Event()
+        self.connects = 0
+        """How many connections have been opened (for tests and metrics)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the pool's connections until cancelled; then close them all."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def outstanding(self, name: str) -> int:
+        """Calls on ``name`` in flight or waiting for a slot."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return 0
+        return int(entry.limiter.borrowed_tokens) + entry.waiting
+
+    def in_flight(self, name: str) -> int:
+        """Calls on ``name`` holding a slot right now."""
+        entry = self._entries.get(name)
+        return int(entry.limiter.borrowed_tokens) if entry is not None else 0
+
+    def active_calls(self, name: str) -> int:
+        """Calls on ``name`` running on its connection right now (past slot and connect)."""
+        entry = self._entries.get(name)
+        if entry is None or entry.connection is None:
+            return 0
+        return len(entry.connection.calls)
+
+    async def wait_active(self, name: str, at_least: int = 1) -> None:
+        """Return once ``name`` has ``at_least`` calls running on its connection."""
+        while self.active_calls(name) < at_least:
+            await self._calls_changed.wait()
+
+    def _changed(self) -> None:
+        self._calls_changed.set()
+        self._calls_changed = trio.Event()
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Close and forget the connections of instances not in ``names`` (deleted ones)."""
+        keep = set(names)
+        for name in [n for n in self._entries if n not in keep]:
+            entry = self._entries.pop(name)
+            if entry.connection is not None:
+                entry.connection.close_requested.set()
+
+    async def call(
+        self,
+        instance: InstanceView,
+        fn: Callable[[Channel], Awaitable[T]],
+        *,
+        limit: int,
+        timeout: float | None,  # noqa: ASYNC109 - part of the contract: ends as DEADLINE_EXCEEDED
+    ) -> T:
+        """Run ``fn(channel)`` against ``instance`` under the pool's rules (module docstring).
+
+        ``limit`` is the instance's in-flight cap; ``timeout`` None means no
+        deadline of the pool's own (the caller's scope, e.g. a client
+        deadline or a stream's idle timeout, still applies).
+        """
+        entry = self._entry(instance.name, limit)
+        token = object()
+        entry.waiting += 1
+        try:
+            with trio.move_on_after(self.queue_timeout) as waited:
+                await entry.limiter.acquire_on_behalf_of(token)
+        finally:
+            entry.waiting -= 1
+        if waited.cancelled_caught:
+            raise status_error(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"Instance '{instance.name}' has {limit} requests in flight "
+                f"(its max_concurrent_requests); none finished within {self.queue_timeout:g} s",
+            )
+        try:
+            with trio.fail_after(timeout if timeout is not None else math.inf):
+                connection = await self._connection(entry, instance)
+                return await self._run_on(connection, instance, fn)
+        except trio.TooSlowError:
+            raise status_error(StatusCode.DEADLINE_EXCEEDED, "Request timeout") from None
+        finally:
+            entry.limiter.release_on_behalf_of(token)
+
+    def _entry(self, name: str, limit: int) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = _Entry(trio.CapacityLimiter(limit))
+        elif entry.limiter.total_tokens != limit:
+            # The instance was re-created with another max_concurrent_requests.
+            entry.limiter.total_tokens = limit
+        return entry
+
+    async def _connection(self, entry: _Entry, instance: InstanceView) -> _Connection:
+        key = (instance.pid, instance.port)
+        current = entry.connection
+        if current is not None and current.key == key and not current.died.is_set():
+            return current
+        async with entry.lock:
+            current = entry.connection
+            if current is not None and current.key == key and not current.died.is_set():
+                return current  # another call connected while we waited for the lock
+            if current is not None:
+                # The instance restarted (new pid) or moved: the old process's
+                # connection serves nobody any more.
+                current.close_requested.set()
+            if self._nursery is None:
+                raise status_error(StatusCode.UNAVAILABLE, "the backend pool is not running")
+            connection = _Connection(key)
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    await self._nursery.start(self._hold, connection, instance.port)
+            except trio.TooSlowError:
+                raise self._unavailable(
+                    instance, f"no connection within {self.connect_timeout:g} s"
+                ) from None
+            except RpcUnavailable as exc:
+                raise self._unavailable(instance, exc.reason) from None
+            entry.connection = connection
+            self.connects += 1
+            return connection
+
+    async def _hold(
+        self, connection: _Connection, port: int, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        started = False
+        try:
+            async with open_channel(self.host, port) as channel:
+                connection.channel = channel
+                started = True
+                task_status.started()
+                await connection.close_requested.wait()
+                connection.reason = "connection closed by the pool"
+        except RpcUnavailable as exc:
+            if not started:
+                raise  # nursery.start raises it in the connecting call
+            connection.reason = exc.reason
+            log.debug("backend connection to port %d ended: %s", port, exc.reason)
+        except Exception as exc:
+            if not started:
+                raise
+            connection.reason = f"{type(exc).__name__}: {exc}"
+            log.warning("backend connection to port %d failed", port, exc_info=True)
+        finally:
+            # Invariant: once `died` is set no call is left waiting on this
+            # connection; every one still running is cancelled right here.
+            connection.died.set()
+            for scope in connection.calls:
+                scope.cancel()
+
+    async def _run_on(
+        self, connection: _Connection, instance: InstanceView, fn: Callable[[Channel], Awaitable[T]]
+    ) -> T:
+        assert connection.channel is not None
+        with trio.CancelScope() as scope:
+            connection.calls.add(scope)
+            self._changed()
+            try:
+                if connection.died.is_set():
+                    scope.cancel()
+                return await fn(connection.channel)
+            except RpcFailedError:
+                raise
+            except BaseException as exc:
+                failure = _transport_failure(exc)
+                if failure is None:
+                    raise
+                if isinstance(failure, MessageTooLargeError):
+                    raise status_error(StatusCode.RESOURCE_EXHAUSTED, str(failure)) from None
+                if isinstance(failure, RpcFailedError):
+                    raise failure from None
+                # A broken transport: drop the connection so the next call reconnects.
+                connection.close_requested.set()
+                raise self._unavailable(
+                    instance, f"connection failed: {_describe(failure)}"
+                ) from None
+            finally:
+                connection.calls.discard(scope)
+                self._changed()
+        # Only reached when the connection's task cancelled us: it died mid-call.
+        raise self._unavailable(instance, f"connection lost: {connection.reason or 'closed'}")
+
+    def _unavailable(self, instance: InstanceView, reason: str) -> RpcFailedError:
+        return status_error(
+            StatusCode.UNAVAILABLE,
+            f"Instance '{instance.name}' ({self.host}:{instance.port}) is unavailable: {reason}",
+        )
+
+
+def _transport_failure(exc: BaseException) -> BaseException | None:
+    """The leaf of ``exc`` to report if it is a backend or transport failure, else None.
+
+    A group (a nursery inside ``fn``) counts when all its leaves do; an error
+    status among them wins, since it is the backend's own answer.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_transport_failure(e) for e in exc.exceptions]
+        if not leaves or any(leaf is None for leaf in leaves):
+            return None
+        statuses = [leaf for leaf in leaves if isinstance(leaf, RpcFailedError)]
+        return statuses[0] if statuses else leaves[0]
+    if isinstance(exc, (RpcFailedError, *_TRANSPORT_ERRORS)):
+        return exc
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def _timeout_header() -> datetime.timedelta | None:
+    # The caller's deadline (a client's grpc-timeout, or the pool's default)
+    # is the current effective deadline; the backend gets what is left of it.
+    remaining = trio.current_effective_deadline() - trio.current_time()
+    if math.isinf(remaining):
+        return None
+    return datetime.timedelta(seconds=max(remaining, 0.001))
+
+
+async def _start(
+    channel: Channel, service: str, method: str, request_type: Any, response_type: Any
+) -> Any:
+    grpc_socket: Any = channel._grpc_socket
+    stream = await grpc_socket.start_request(
+        "http",
+        service,
+        method,
+        request_type.DESCRIPTOR.full_name,
+        channel.target,
+        timeout=_timeout_header(),
+    )
+    stream.expect_message_type(response_type)
+    return stream
+
+
+async def _abandon(channel: Channel, stream: Any) -> None:
+    """Reset a backend stream we stop caring about, so neither side keeps it."""
+    grpc_socket: Any = channel._grpc_socket
+    grpc_socket._streams.pop(stream.stream_id, None)
+    grpc_socket._grpc_connection.message_read_buffers.pop(stream.stream_id, None)
+    with contextlib.suppress(Exception):
+        grpc_socket._grpc_connection.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+        # Shielded and brief: we may be here because of a cancellation, and
+        # a dead socket must not hold us.
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await stream._socket.flush()
+
+
+async def unary(
+    channel: Channel, service: str, method: str, request: Any, response_type: Any
+) -> Any:
+    """One unary call ``service/method`` on ``channel``; the backend's deadline is ours.
+
+    Returns the response; raises `purerpc.RpcFailedError` for an error status.
+    """
+    stream = await _start(channel, service, method, type(request), response_type)
+    try:
+        await stream.send_message(request)
+        await stream.close()
+        message = await stream.receive_message()
+        if message is None:
+            _raise_end(stream)
+        # Drain to the trailers: a call is only OK once the status says so.
+        if await stream.receive_message() is not None:
+            raise status_error(StatusCode.INTERNAL, f"{service}/{method} answered twice")
+        _raise_end(stream, ok_returns=True)
+        return message
+    finally:
+        if stream.end_stream_event is None:
+            await _abandon(channel, stream)
+
+
+def _raise_end(stream: Any, *, ok_returns: bool = False) -> None:
+    event = stream.end_stream_event
+    if isinstance(event, ResponseEnded):
+        if event.status.status_code != StatusCode.OK:
+            raise_status(event.status)
+        if ok_returns:
+            return
+        raise status_error(StatusCode.INTERNAL, "the backend answered OK without a message")
+    raise status_error(StatusCode.UNAVAILABLE, "the backend ended the call without a status")
+
+
+class BackendStream:
+    """A streaming call to a backend: `send`, `done_sending`, `receive`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._sending = True
+
+    async def send(self, message: Any) -> None:
+        """Send one request message."""
+        await self._stream.send_message(message)
+
+    async def done_sending(self) -> None:
+        """Half-close: no more requests."""
+        if self._sending:
+            self._sending = False
+            await self._stream.close()
+
+    async def receive(self) -> Any | None:
+        """The next response, or None at a successful end; an error status raises."""
+        message = await self._stream.receive_message()
+        if message is None:
+            _raise_end(self._stream, ok_returns=True)
+        return message
+
+
+@contextlib.asynccontextmanager
+async def open_stream(
+    channel: Channel, service: str, method: str, request_type: Any, response_type: Any
+) -> AsyncIterator[BackendStream]:
+    """A streaming call ``service/method`` on ``channel``, reset if left unfinished."""
+    stream = await _start(channel, service, method, request_type, response_type)
+    try:
+        yield BackendStream(stream)
+    finally:
+        if stream.end_stream_event is None:
+            await _abandon(channel, stream)

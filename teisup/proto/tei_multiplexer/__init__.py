@@ -1,0 +1,1 @@
+"""Generated from protos/tei_multiplexer/ by tools/gen_protos.py."""

@@ -1,0 +1,1 @@
+"""Generated from protos/tei_multiplexer/v1/ by tools/gen_protos.py."""
