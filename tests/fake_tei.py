@@ -55,6 +55,9 @@ Behaviour knobs, read from the environment:
     At start, spawn ``sleep 1000`` in the fake's own process group, with its
     stdio on /dev/null, and log ``grandchild <pid>`` (a JSON line with
     ``--json-output``, like every other line). Nothing ever reaps or kills it.
+``FAKE_TEI_READY_EARLY`` (seconds)
+    Log ``Ready`` this long *before* binding, as real TEI's gRPC build does
+    (it logs ``Ready`` just before tonic binds).
 ``FAKE_TEI_HANG`` (seconds)
     This long after ``Ready``, stop answering: every gRPC call (health
     included) waits forever, while connections are still accepted and SIGTERM
@@ -150,6 +153,7 @@ class Knobs:
     ignore_sigterm: bool = False
     grandchild: bool = False
     hang_after: float | None = None
+    ready_early: float | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Knobs:
@@ -176,6 +180,7 @@ class Knobs:
             ignore_sigterm=env.get("FAKE_TEI_IGNORE_SIGTERM", "") not in ("", "0"),
             grandchild=env.get("FAKE_TEI_GRANDCHILD", "") not in ("", "0"),
             hang_after=seconds("FAKE_TEI_HANG"),
+            ready_early=seconds("FAKE_TEI_READY_EARLY"),
         )
 
 
@@ -326,13 +331,18 @@ async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
     # Installed before Ready, so a signal sent by someone who saw Ready is handled.
     with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
+            if knobs.ready_early is not None:
+                # As real TEI does: Ready is logged before the socket is bound.
+                log.info(GRPC_READY, "Ready")
+                await trio.sleep(knobs.ready_early)
             try:
                 await nursery.start(server.serve_async)
             except OSError as exc:
                 fatal(f"Could not bind TCP Listener on {BIND_HOST}:{args.port}", str(exc))
                 return 1
             log.info(GRPC_START, f"Starting gRPC server: {BIND_HOST}:{server.port}")
-            log.info(GRPC_READY, "Ready")
+            if knobs.ready_early is None:
+                log.info(GRPC_READY, "Ready")
 
             async def crash(after: float) -> None:
                 nonlocal exit_code

@@ -348,3 +348,15 @@ async def test_start_while_stopping_is_not_lost(tmp_path: Path) -> None:
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             info = manager.get("bge-small")
             assert (info.status, info.desired) == ("running", "running")
+
+
+async def test_ready_logged_before_the_port_is_bound_still_ends_running(tmp_path: Path) -> None:
+    # Real TEI logs Ready just before it binds: the probe the Ready line
+    # triggers can be refused, and the next poll finds it listening.
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env={"FAKE_TEI_READY_EARLY": "0.5"}) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec())
+                running = await wait_for(events, "bge-small", ChildState.RUNNING)
+            assert running.old is ChildState.STARTING
+            assert manager.get("bge-small").restarts == 0
