@@ -139,13 +139,16 @@ def _warm_up(engine: Any) -> None:
     takes many seconds for nothing but a memory check, so this warms the code
     paths (and allocator) with the longest single input instead.
     """
-    from .engine import Encoded
+    from .engine import INFERENCE_THREAD, Encoded
 
     longest = engine.max_input_length
     ids = [engine.tokenizer.token_to_id("[CLS]") or 0] * longest
-    engine.forward([Encoded(ids, [0] * longest, longest)], want_tokens=True)
     short = engine.encode("warm up")
-    engine.forward([short] * 8)
+    # On the thread that will run every pass (see InferenceThread), not here.
+    INFERENCE_THREAD.call(
+        lambda: engine.forward([Encoded(ids, [0] * longest, longest)], want_tokens=True)
+    )
+    INFERENCE_THREAD.call(lambda: engine.forward([short] * 8))
 
 
 async def serve(

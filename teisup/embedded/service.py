@@ -44,7 +44,7 @@ from teisup.proto.grpc.reflection.v1alpha import reflection_grpc, reflection_pb2
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
 from teisup.rpc import HealthServicer, ServingStatus
 
-from .batcher import Batcher, BatchError, Job
+from .batcher import Batcher, BatchError, Job, OpenStream
 from .cli import TEI_VERSION, Settings
 from .engine import Encoded, Engine, ModelKind
 from .metrics import Metrics
@@ -250,6 +250,7 @@ class TeiServices:
             )
 
             failure: BaseException | None = None
+            opened = OpenStream()
 
             async def compute(request: Any, slot: _Ready) -> None:
                 try:
@@ -262,23 +263,44 @@ class TeiServices:
             async with trio.open_nursery() as nursery:
 
                 async def read() -> None:
-                    async with pending_send:
-                        async for request in requests:
-                            slot = _Ready(trio.Event())
-                            # Waits when max_parallel answers are outstanding.
-                            await pending_send.send(slot)
-                            nursery.start_soon(compute, request, slot)
+                    # While the client may send more, an idle batcher waits a
+                    # moment for them to join the batch (Batcher.gather).
+                    with self.batcher.stream_open(opened):
+                        async with pending_send:
+                            async for request in requests:
+                                opened.on_request()
+                                slot = _Ready(trio.Event())
+                                try:
+                                    pending_send.send_nowait(slot)
+                                except trio.WouldBlock:
+                                    # Waits when max_parallel answers are outstanding.
+                                    await pending_send.send(slot)
+                                nursery.start_soon(compute, request, slot)
 
                 nursery.start_soon(read)
                 async with pending_receive:
-                    async for slot in pending_receive:
-                        await slot.done.wait()
+                    while True:
+                        # Answers that are ready go out back to back, with no
+                        # checkpoint in between, so purerpc's writer sends
+                        # them in one write instead of one write each.
+                        try:
+                            slot = pending_receive.receive_nowait()
+                        except trio.WouldBlock:
+                            try:
+                                slot = await pending_receive.receive()
+                            except trio.EndOfChannel:
+                                break
+                        except trio.EndOfChannel:
+                            break
+                        if not slot.done.is_set():
+                            await slot.done.wait()
                         if slot.error is not None:
                             # The first error ends the stream: drop the rest.
                             failure = slot.error
                             nursery.cancel_scope.cancel()
                             break
                         await call.send(slot.response)
+                        opened.on_answer()
             if failure is not None:
                 # Raised out here, not in the nursery, so it is not wrapped in a group.
                 raise failure
@@ -372,7 +394,10 @@ class TeiServices:
         if unary:
             self._take_permit_now()
         else:
-            await self.batcher.permits.acquire()
+            try:
+                self.batcher.permits.acquire_nowait()  # no checkpoint when one is free
+            except trio.WouldBlock:
+                await self.batcher.permits.acquire()
         try:
             return await work()
         finally:
@@ -468,8 +493,8 @@ class TeiServices:
                 self._require(
                     False, "Backend error: `normalize` is not available for SPLADE models"
                 )
-            dims = engine.dimensions
             if request.HasField("dimensions"):
+                dims = engine.dimensions
                 if request.dimensions == 0:
                     self.metrics.inc("te_request_failure", err="validation")
                     raise _validation("Input validation error: `dimensions` should be positive")
