@@ -166,10 +166,11 @@ async def serve(
     """
     from teisup.rpc import ServingStatus
 
+    from ..rpc import ReflectionService
     from .batcher import Batcher
     from .metrics import Metrics, serve_metrics
     from .server import EmbeddedServer
-    from .service import TEI_SERVICES, ReflectionService, TeiHealth, TeiServices, model_services
+    from .service import TEI_SERVICES, TeiHealth, TeiServices, model_services
 
     buckets = [float(2**i) for i in range(engine.max_input_length.bit_length())]
     metrics = Metrics(input_length_buckets=[*buckets, float(engine.max_input_length)])

@@ -26,8 +26,7 @@ from typing import Any, cast
 import trio
 from purerpc import RpcFailedError, Status, StatusCode
 
-from teisup.embedded.service import ReflectionService
-from teisup.rpc import DEFAULT_HOST, HealthServicer, Server, ServingStatus
+from teisup.rpc import DEFAULT_HOST, HealthServicer, ReflectionService, Server, ServingStatus
 from teisup.supervision import ChildContext
 
 from .pool import BackendPool

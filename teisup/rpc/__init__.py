@@ -23,12 +23,14 @@ from .client import (
     open_channel,
 )
 from .health import HealthServicer, ServingStatus, check_health, fetch_info
+from .reflection import ReflectionService
 from .server import DEFAULT_HOST, Server
 
 __all__ = [
     "DEFAULT_HOST",
     "Channel",
     "HealthServicer",
+    "ReflectionService",
     "RpcError",
     "RpcStatusError",
     "RpcUnavailable",
