@@ -33,6 +33,7 @@ from ..supervision import (
     ExitReason,
     RestartType,
     Supervisor,
+    TreeNode,
 )
 from ..supervision.errors import UnknownChildError
 from .gpus import NvmlReader, validate_gpu_id
@@ -108,6 +109,10 @@ class _Instance:
     desired: str = "running"
     #: Restarts before the current manager process (from the state file).
     earlier_restarts: int = 0
+
+    @property
+    def restarts(self) -> int:
+        return self.earlier_restarts + self.status.restarts
 
 
 def resolve_launcher(tei_binary_path: str | None) -> list[str]:
@@ -297,8 +302,8 @@ class InstanceManager:
         """Per instance, what a snapshot keeps: spec, ports, created_at,
         desired state, restarts so far."""
         return [
-            (i.spec, i.ports, i.created_at, i.desired, self.get(n).restarts)
-            for n, i in sorted(self._instances.items())
+            (i.spec, i.ports, i.created_at, i.desired, i.restarts)
+            for _, i in sorted(self._instances.items())
         ]
 
     async def _forget(self, name: str) -> None:
@@ -322,8 +327,14 @@ class InstanceManager:
         return sorted(self._instances)
 
     def get(self, name: str) -> InstanceInfo:
+        return self._info(name, self._nodes())
+
+    def _nodes(self) -> dict[str, TreeNode]:
+        return {node.id: node for node in self.supervisor.snapshot().children}
+
+    def _info(self, name: str, nodes: dict[str, TreeNode]) -> InstanceInfo:
         instance = self._require(name)
-        node = next((n for n in self.supervisor.snapshot().children if n.id == name), None)
+        node = nodes.get(name)
         spec, status = instance.spec, instance.status
         return InstanceInfo(
             name=name,
@@ -333,7 +344,7 @@ class InstanceManager:
             pid=node.pid if node else None,
             created_at=instance.created_at,
             uptime_secs=node.uptime if node else None,
-            restarts=instance.earlier_restarts + status.restarts,
+            restarts=instance.restarts,
             health_check_failures=status.health_check_failures,
             last_health_check=(
                 _rfc3339(status.last_health_check) if status.last_health_check else None
@@ -350,11 +361,9 @@ class InstanceManager:
         )
 
     def all(self) -> list[InstanceInfo]:
-        """Every instance, sorted by name."""
-        return [self.get(name) for name in self.names()]
-
-    def spec(self, name: str) -> InstanceSpec:
-        return self._require(name).spec
+        """Every instance, sorted by name (one snapshot of the supervisor for all)."""
+        nodes = self._nodes()
+        return [self._info(name, nodes) for name in self.names()]
 
     def restart_policy(self, name: str) -> RestartPolicy:
         """The instance's own restart policy, or the manager's default."""

@@ -51,7 +51,6 @@ ProbeListener = Callable[[str, float, bool, bool], None]
 class RunStatus:
     """What the runner knows beyond the supervisor's state, for the API."""
 
-    runs: int = 0
     #: Runs that were restarts by the policy (not starts asked for).
     restarts: int = 0
     #: Set by an asked-for start, so the run it causes is not counted a restart.
@@ -142,7 +141,6 @@ class InstanceRunner:
         spec, ports = self.spec, self.ports
         argv = build_argv(self.launcher, spec, ports.port, ports.prometheus_port)
         env = build_env(self.base_env, spec, self.manager_id)
-        self.status.runs += 1
         if not self.status.start_requested:
             self.status.restarts += 1
         self.status.start_requested = False
