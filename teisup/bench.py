@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import ssl
 import sys
 import time
@@ -87,8 +88,14 @@ async def run_bench(
     noop: bool = False,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,  # noqa: ASYNC109 - per call, the bench's own bound
+    token: str | None = None,
+    max_message_length: int = 32 << 20,
 ) -> dict[str, Any]:
-    """Run one benchmark and return the report (see the module docstring)."""
+    """Run one benchmark and return the report (see the module docstring).
+
+    ``token`` is sent as ``authorization: Bearer <token>`` metadata.
+    """
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     texts = make_texts(num_texts)
     size = 1 if mode == "standard" else batch_size
     batches = [texts[i : i + size] for i in range(0, len(texts), size)]
@@ -102,7 +109,8 @@ async def run_bench(
             response = await stub.EmbedArrow(
                 multiplexer_pb2.EmbedArrowRequest(
                     target=target, arrow_ipc=arrow_ipc(batch), noop=noop
-                )
+                ),
+                metadata=metadata,
             )
             rows = pa.ipc.open_stream(response.arrow_ipc).read_all().num_rows
             if rows != len(batch):
@@ -110,7 +118,7 @@ async def run_bench(
         elif mode == "stream":
             # purerpc's raw stream API: send and receive at once, no helper
             # generators left behind when a call ends early.
-            call = await stub.EmbedStream()
+            call = await stub.EmbedStream(metadata=metadata)
             count = 0
             async with trio.open_nursery() as nursery:
 
@@ -132,14 +140,17 @@ async def run_bench(
             await stub.Embed(
                 multiplexer_pb2.EmbedRequest(
                     target=target, request=tei_pb2.EmbedRequest(inputs=batch[0])
-                )
+                ),
+                metadata=metadata,
             )
 
     async def worker(queue: trio.MemoryReceiveChannel[list[str]]) -> None:
         try:
             # Connecting fails fast when refused; a TLS rejection shows at the
             # first call, which runs under its deadline like every call.
-            async with open_channel(host, port, ssl_context=ssl_context) as channel:
+            async with open_channel(
+                host, port, ssl_context=ssl_context, max_message_length=max_message_length
+            ) as channel:
                 stub = multiplexer_grpc.TeiMultiplexerStub(channel)
                 async for batch in queue:
                     began = time.perf_counter()
@@ -215,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca", help="CA bundle to trust (PEM)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
     parser.add_argument(
-        "--max-message-size-mb", type=int, default=32, help="accepted for compatibility"
+        "--max-message-size-mb", type=int, default=32, help="largest message either way, MiB"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TEISUP_API_TOKEN"),
+        help="API token sent as 'authorization: Bearer' (default: $TEISUP_API_TOKEN)",
     )
     return parser
 
@@ -234,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = urllib.parse.urlsplit(args.endpoint if "://" in args.endpoint else f"//{args.endpoint}")
     host, port = url.hostname or "localhost", url.port or 9001
+    if not 1 <= args.max_message_size_mb <= 1023:
+        print("teisup-bench: --max-message-size-mb must be 1..1023", file=sys.stderr)
+        return 2
     for name in ("num_texts", "batch_size", "concurrency"):
         if getattr(args, name) < 1:
             print(f"teisup-bench: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -249,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         noop=args.noop,
         ssl_context=_tls(args, url.scheme),
         timeout=args.timeout,
+        token=args.token,
+        max_message_length=args.max_message_size_mb << 20,
     )
     report = trio.run(run)
     print(json.dumps(report, indent=2))

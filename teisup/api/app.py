@@ -20,6 +20,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..grpc import MultiplexerService
 from ..instances import (
     GpuInfo,
     InstanceExists,
@@ -32,6 +33,7 @@ from ..instances import (
     PortError,
 )
 from ..supervision import ChildState, Supervisor
+from .dataplane import add_data_plane
 from .openapi import LogsResponse, openapi_document
 
 __all__ = ["ApiError", "ControlPlane", "create_app"]
@@ -68,6 +70,12 @@ class ControlPlane(Protocol):
 
     @property
     def protect_health_and_metrics(self) -> bool: ...
+
+    @property
+    def data_plane(self) -> MultiplexerService | None: ...
+
+    @property
+    def data_body_limit(self) -> int: ...
 
 
 class ApiError(Exception):
@@ -342,4 +350,6 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def supervisor_tree() -> Response:
         return _json(plane.root.snapshot())
 
+    if plane.data_plane is not None:
+        add_data_plane(app, plane.data_plane, max_body=plane.data_body_limit)
     return app

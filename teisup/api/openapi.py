@@ -16,6 +16,7 @@ from .. import __version__
 from ..instances import GpuInfo, InstanceInfo, InstanceSpec
 from ..instances.logs import LogLine
 from ..supervision import TreeNode
+from .dataplane import EmbedBody, OpenAIEmbeddingsBody, RerankBody, TokenizeBody
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -33,6 +34,9 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
 _ERROR = {"description": "an error", **_json_body(_ref("Error"))}
 _NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
 _INSTANCE = {"description": "the instance", **_json_body(_ref("InstanceInfo"))}
+
+_DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("DataPlaneError"))}
+_DATA_CODES = ("400", "404", "413", "422", "424", "429", "502", "503", "504")
 
 #: path -> method -> operation (without the generated parts).
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
@@ -124,6 +128,35 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "responses": {"200": {"description": "health"}, "404": _ERROR},
         }
     },
+    **{
+        f"/instances/{{name}}/{route}": {
+            "post": {
+                "summary": f"TEI's POST /{route} on this instance (data plane)",
+                "parameters": _NAME,
+                "requestBody": {"required": True, **_json_body(_ref(body))},
+                "responses": {
+                    "200": {"description": f"TEI's /{route} answer"},
+                    **dict.fromkeys(_DATA_CODES, _DATA_ERROR),
+                },
+            }
+        }
+        for route, body in (
+            ("embed", "EmbedBody"),
+            ("embed_sparse", "EmbedBody"),
+            ("rerank", "RerankBody"),
+            ("tokenize", "TokenizeBody"),
+        )
+    },
+    "/v1/embeddings": {
+        "post": {
+            "summary": "OpenAI-compatible embeddings; model = an instance name or a model id",
+            "requestBody": {"required": True, **_json_body(_ref("OpenAIEmbeddingsBody"))},
+            "responses": {
+                "200": {"description": "OpenAI's embedding list"},
+                **{code: {"description": "an OpenAI-style error"} for code in _DATA_CODES},
+            },
+        }
+    },
 }
 
 
@@ -131,6 +164,15 @@ class Error(msgspec.Struct):
     """Every error response."""
 
     error: str
+    code: str
+    timestamp: str
+
+
+class DataPlaneError(msgspec.Struct):
+    """Errors of the TEI-style data-plane routes: TEI's fields and teisup's."""
+
+    error: str
+    error_type: str
     code: str
     timestamp: str
 
@@ -145,7 +187,20 @@ class LogsResponse(msgspec.Struct):
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [InstanceSpec, InstanceInfo, GpuInfo, TreeNode, Error, LogsResponse], ref_template=_REF
+        [
+            InstanceSpec,
+            InstanceInfo,
+            GpuInfo,
+            TreeNode,
+            Error,
+            LogsResponse,
+            DataPlaneError,
+            EmbedBody,
+            RerankBody,
+            TokenizeBody,
+            OpenAIEmbeddingsBody,
+        ],
+        ref_template=_REF,
     )
     paths: dict[str, Any] = {}
     for path, methods in ROUTES.items():

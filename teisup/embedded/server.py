@@ -39,7 +39,7 @@ from purerpc.wrappers import (
     stream_to_async_iterator,
 )
 
-from teisup.rpc import Server
+from teisup.rpc import Peer, Server
 
 __all__ = ["Call", "EmbeddedServer", "current_call"]
 
@@ -136,7 +136,7 @@ class EmbeddedServer(Server):
             return True
         return ("authorization", f"Bearer {self._api_key}") in metadata
 
-    async def _dispatch(self, stream: Any) -> None:
+    async def _dispatch(self, stream: Any, peer: Peer) -> None:
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:

@@ -46,7 +46,7 @@ from purerpc import RpcFailedError, Status, StatusCode
 from purerpc.grpclib.events import ResponseEnded
 from purerpc.grpclib.exceptions import GRPCError, MessageTooLargeError, raise_status
 
-from teisup.rpc import Channel, RpcUnavailable, open_channel
+from teisup.rpc import DEFAULT_MAX_MESSAGE_LENGTH, Channel, RpcUnavailable, open_channel
 
 __all__ = [
     "BackendPool",
@@ -119,8 +119,10 @@ class BackendPool:
         host: str = "127.0.0.1",
         connect_timeout: float = 5.0,
         queue_timeout: float = 1.0,
+        max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
     ) -> None:
         self.host = host
+        self.max_message_length = max_message_length
         self.connect_timeout = connect_timeout
         self.queue_timeout = queue_timeout
         self._entries: dict[str, _Entry] = {}
@@ -256,7 +258,9 @@ class BackendPool:
     ) -> None:
         started = False
         try:
-            async with open_channel(self.host, port) as channel:
+            async with open_channel(
+                self.host, port, max_message_length=self.max_message_length
+            ) as channel:
                 connection.channel = channel
                 started = True
                 task_status.started()

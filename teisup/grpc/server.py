@@ -20,13 +20,22 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import trio
 from purerpc import RpcFailedError, Status, StatusCode
 
-from teisup.rpc import DEFAULT_HOST, HealthServicer, ReflectionService, Server, ServingStatus
+from teisup.rpc import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_MESSAGE_LENGTH,
+    Authorizer,
+    HealthServicer,
+    ReflectionService,
+    Server,
+    ServingStatus,
+)
 from teisup.supervision import ChildContext
 
 from .pool import BackendPool
@@ -106,7 +115,12 @@ class Multiplexer:
     (0: no bound); ``stream_idle_timeout`` ends a stream with nothing moving
     for that long; ``queue_timeout`` is how long a call waits for one of the
     instance's ``max_concurrent_requests`` slots before RESOURCE_EXHAUSTED;
-    ``connect_timeout`` bounds connecting to an instance.
+    ``connect_timeout`` bounds connecting to an instance;
+    ``max_message_length`` bounds one message each way, from clients and from
+    backends (RESOURCE_EXHAUSTED past it). With ``data_plane``, the
+    multiplexer serves that `MultiplexerService` (and its pool, which its
+    owner runs) instead of making its own. ``ssl_context`` serves TLS;
+    ``authorize`` may refuse a call (see `teisup.rpc.Server`).
     """
 
     def __init__(
@@ -121,22 +135,42 @@ class Multiplexer:
         queue_timeout: float = 1.0,
         connect_timeout: float = 5.0,
         health_interval: float = 5.0,
+        max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+        data_plane: MultiplexerService | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        authorize: Authorizer | None = None,
     ) -> None:
         self.instances = instances
-        self.pool = BackendPool(
-            host=backend_host, connect_timeout=connect_timeout, queue_timeout=queue_timeout
-        )
-        self.service = MultiplexerService(
-            instances,
-            self.pool,
-            default_timeout=default_timeout,
-            stream_idle_timeout=stream_idle_timeout,
-        )
+        if data_plane is None:
+            pool = BackendPool(
+                host=backend_host,
+                connect_timeout=connect_timeout,
+                queue_timeout=queue_timeout,
+                max_message_length=max_message_length,
+            )
+            data_plane = MultiplexerService(
+                instances,
+                pool,
+                default_timeout=default_timeout,
+                stream_idle_timeout=stream_idle_timeout,
+            )
+            self._owns_pool = True
+        else:
+            # Shared with another front end (the HTTP data plane), whose owner runs the pool.
+            self._owns_pool = False
+        self.service = data_plane
+        self.pool = data_plane.pool
         self.health = HealthServicer(
             {"": ServingStatus.SERVING, SERVICE_NAME: ServingStatus.SERVING}
         )
         self.health_interval = health_interval
-        self.server = MultiplexerServer(port, host=host)
+        self.server = MultiplexerServer(
+            port,
+            host=host,
+            ssl_context=ssl_context,
+            max_message_length=max_message_length,
+            authorize=authorize,
+        )
         self.server.add_service(self.service.service)
         self.server.add_service(self.health)
         self.server.add_service(ReflectionService(list(REFLECTED_SERVICES)))
@@ -173,7 +207,8 @@ class Multiplexer:
         """
         bind_error: OSError | None = None
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.pool.run)
+            if self._owns_pool:
+                await nursery.start(self.pool.run)
             self.refresh_health()
             try:
                 port = await nursery.start(self.server.serve_async)

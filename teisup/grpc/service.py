@@ -34,7 +34,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import purerpc
 import trio
@@ -45,7 +45,8 @@ from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from teisup.rpc import Channel
 
 from . import arrow
-from .pool import BackendPool, open_stream, status_error, unary
+from .observe import RequestObserver, current_request, observed
+from .pool import BackendPool, BackendStream, open_stream, status_error, unary
 from .routing import Replica, RoutingError, resolve, validate_target
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 SERVICE_NAME = "tei_multiplexer.v1.TeiMultiplexer"
+
+T = TypeVar("T")
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
 """TEI's default, for an instance record that does not say."""
@@ -162,7 +165,10 @@ class RawHandler:
 class MultiplexerService:
     """The ``TeiMultiplexer`` service over an `InstanceSource` and a `BackendPool`.
 
-    `service` is the `purerpc.Service` to add to a `MultiplexerServer`.
+    `service` is the `purerpc.Service` to add to a `MultiplexerServer`; `route`,
+    `call` and `stream_all` are the data plane other front ends (the HTTP one
+    in `teisup.api`) share with it, so every request obeys the same routing,
+    backpressure and deadlines. Every request is reported to ``observer``.
     """
 
     def __init__(
@@ -172,11 +178,13 @@ class MultiplexerService:
         *,
         default_timeout: float = 30.0,
         stream_idle_timeout: float = 300.0,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.instances = instances
         self.pool = pool
         self.default_timeout = default_timeout
         self.stream_idle_timeout = stream_idle_timeout
+        self.observer = observer
         self._picks = 0
         self._last_picked: dict[str, int] = {}
 
@@ -188,15 +196,20 @@ class MultiplexerService:
         service = purerpc.Service(SERVICE_NAME)
         service.add_method(
             "Info",
-            self._info,
+            self._observed_unary("Info", self._info),
             RPCSignature(Cardinality.UNARY_UNARY, mux_pb2.InfoRequest, tei_pb2.InfoResponse),
+            method_signature=_TWO_ARGS,
         )
         for forward in _forwards():
             handler: Any
             if forward.cardinality == Cardinality.UNARY_UNARY:
-                handler = functools.partial(self._unary, forward)
+                handler = self._observed_unary(
+                    forward.method, functools.partial(self._unary, forward)
+                )
             else:
-                handler = RawHandler(functools.partial(self._stream, forward))
+                handler = RawHandler(
+                    self._observed_raw(forward.method, functools.partial(self._stream, forward))
+                )
             service.add_method(
                 forward.method,
                 handler,
@@ -205,27 +218,57 @@ class MultiplexerService:
             )
         service.add_method(
             "EmbedArrow",
-            self._embed_arrow,
+            self._observed_unary("EmbedArrow", self._embed_arrow),
             RPCSignature(
                 Cardinality.UNARY_UNARY, mux_pb2.EmbedArrowRequest, mux_pb2.EmbedArrowResponse
             ),
+            method_signature=_TWO_ARGS,
         )
         service.add_method(
             "EmbedSparseArrow",
-            self._embed_sparse_arrow,
+            self._observed_unary("EmbedSparseArrow", self._embed_sparse_arrow),
             RPCSignature(
                 Cardinality.UNARY_UNARY,
                 mux_pb2.EmbedSparseArrowRequest,
                 mux_pb2.EmbedSparseArrowResponse,
             ),
+            method_signature=_TWO_ARGS,
         )
         return service
 
+    def _observed_unary(self, method: str, fn: Callable[[Any, Any], Awaitable[Any]]) -> RawHandler:
+        # Raw, so that reading the request is inside the observed block too: a
+        # message over the size limit is refused there, and counted.
+        async def raw(stream: Any, event: Any) -> None:
+            with observed(self.observer, "grpc", method):
+                message = await stream.receive_message()
+                if message is None or await stream.receive_message() is not None:
+                    raise status_error(
+                        StatusCode.INVALID_ARGUMENT, f"{method} takes exactly one request message"
+                    )
+                await stream.send_message(await fn(message, event))
+
+        return RawHandler(raw)
+
+    def _observed_raw(
+        self, method: str, fn: Callable[[Any, Any], Awaitable[None]]
+    ) -> Callable[[Any, Any], Awaitable[None]]:
+        async def raw(stream: Any, event: Any) -> None:
+            with observed(self.observer, "grpc", method):
+                await fn(stream, event)
+
+        return raw
+
     # -- routing --------------------------------------------------------------------
 
-    def route(self, target: mux_pb2.Target | None) -> InstanceRecord:
-        """The instance for ``target``, or the routing error as a gRPC status."""
-        records = {r.name: r for r in self.instances.all()}
+    def route(
+        self, target: mux_pb2.Target | None, *, exclude: frozenset[str] = frozenset()
+    ) -> InstanceRecord:
+        """The instance for ``target``, or the routing error as a gRPC status.
+
+        Instances in ``exclude`` are left out, as if they did not exist.
+        """
+        records = {r.name: r for r in self.instances.all() if r.name not in exclude}
         replicas = [Replica(r.name, r.model_id, r.status) for r in records.values()]
         try:
             name = resolve(
@@ -238,19 +281,89 @@ class MultiplexerService:
             raise status_error(exc.code, exc.message) from None
         self._picks += 1
         self._last_picked[name] = self._picks
+        current = current_request()
+        if current is not None:
+            current.instance = name
         return records[name]
 
-    async def _call(
+    async def call(
         self,
         record: InstanceRecord,
-        fn: Callable[[Channel], Awaitable[Any]],
+        fn: Callable[[Channel], Awaitable[T]],
         *,
         timeout: float | None,  # noqa: ASYNC109 - the pool's own deadline, see BackendPool.call
-    ) -> Any:
+    ) -> T:
+        """Run ``fn(channel)`` on ``record``'s connection under its in-flight cap.
+
+        ``timeout`` None: no deadline of the pool's own (the caller's applies).
+        """
         limit = getattr(record.spec, "max_concurrent_requests", None)
         return await self.pool.call(
             record, fn, limit=limit or DEFAULT_MAX_CONCURRENT_REQUESTS, timeout=timeout
         )
+
+    async def call_target(
+        self,
+        target: mux_pb2.Target | None,
+        fn: Callable[[Channel], Awaitable[T]],
+        *,
+        timeout: float | None,  # noqa: ASYNC109 - see call
+        routed: InstanceRecord | None = None,
+    ) -> T:
+        """Route ``target`` (unless already ``routed``) and `call`; fail over once.
+
+        Routed by ``model_id``, a call that fails UNAVAILABLE (the replica
+        died, or is draining to restart) is run once more on another ready
+        replica, if there is one: the forwarded unary RPCs only read, so
+        running one twice is harmless. Otherwise the error stands.
+        """
+        record = routed if routed is not None else self.route(target)
+        try:
+            return await self.call(record, fn, timeout=timeout)
+        except purerpc.RpcFailedError as exc:
+            by_model = target is not None and target.WhichOneof("routing") == "model_id"
+            if not by_model or exc.status.status_code != StatusCode.UNAVAILABLE:
+                raise
+            try:
+                other = self.route(target, exclude=frozenset({record.name}))
+            except purerpc.RpcFailedError:
+                raise exc from None
+            return await self.call(other, fn, timeout=timeout)
+
+    async def stream_all(
+        self,
+        record: InstanceRecord,
+        service: str,
+        method: str,
+        requests: Sequence[Any],
+        response_type: Any,
+    ) -> list[Any]:
+        """Send ``requests`` over one streaming call, pipelined; the answers in order.
+
+        One in-flight slot for the whole batch; the deadline is the caller's,
+        or `default_timeout` without one. A short answer is INTERNAL, never a
+        misaligned result.
+        """
+        request_type = type(requests[0]) if requests else None
+        answers: list[Any] = []
+
+        async def call(channel: Channel) -> None:
+            async with (
+                open_stream(channel, service, method, request_type, response_type) as backend,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(_send_all, backend, requests)
+                while (answer := await backend.receive()) is not None:
+                    answers.append(answer)
+
+        if requests:
+            await self.call(record, call, timeout=self.unary_timeout())
+        _check_rows(len(answers), len(requests))
+        return answers
+
+    def unary_timeout(self) -> float | None:
+        """The pool deadline for a unary call: none under a client deadline, else the default."""
+        return self._unary_timeout()
 
     def _unary_timeout(self) -> float | None:
         # A client deadline is already the handler's (the server enforces it);
@@ -262,20 +375,21 @@ class MultiplexerService:
     # -- handlers -------------------------------------------------------------------
 
     async def _info(self, message: mux_pb2.InfoRequest, request: Any) -> tei_pb2.InfoResponse:
-        record = self.route(message.target if message.HasField("target") else None)
+        target = message.target if message.HasField("target") else None
 
         async def call(channel: Channel) -> Any:
             return await unary(
                 channel, "tei.v1.Info", "Info", tei_pb2.InfoRequest(), tei_pb2.InfoResponse
             )
 
-        response: tei_pb2.InfoResponse = await self._call(
-            record, call, timeout=self._unary_timeout()
+        response: tei_pb2.InfoResponse = await self.call_target(
+            target, call, timeout=self._unary_timeout()
         )
         return response
 
     async def _unary(self, forward: _Forward, message: Any, request: Any) -> Any:
-        record = self.route(message.target if message.HasField("target") else None)
+        target = message.target if message.HasField("target") else None
+        record = self.route(target)  # routing errors come first, as in tei-manager
         if not message.HasField("request"):
             raise status_error(StatusCode.INVALID_ARGUMENT, forward.missing)
         inner = message.request
@@ -285,7 +399,7 @@ class MultiplexerService:
                 channel, forward.backend_service, forward.method, inner, forward.response_type
             )
 
-        return await self._call(record, call, timeout=self._unary_timeout())
+        return await self.call_target(target, call, timeout=self._unary_timeout(), routed=record)
 
     async def _stream(self, forward: _Forward, stream: Any, event: Any) -> None:
         first = await stream.receive_message()
@@ -340,7 +454,7 @@ class MultiplexerService:
                         f"Stream idle for {idle_timeout:g} s (no request or response)",
                     )
 
-        await self._call(record, call, timeout=None)
+        await self.call(record, call, timeout=None)
 
     async def _embed_arrow(
         self, message: mux_pb2.EmbedArrowRequest, request: Any
@@ -373,7 +487,7 @@ class MultiplexerService:
                     except ValueError as exc:
                         raise status_error(StatusCode.INTERNAL, str(exc)) from None
 
-        await self._call(record, call, timeout=self._unary_timeout())
+        await self.call(record, call, timeout=self._unary_timeout())
         _check_rows(builder.rows, len(texts))
         return mux_pb2.EmbedArrowResponse(arrow_ipc=builder.to_ipc())
 
@@ -402,7 +516,7 @@ class MultiplexerService:
                 while (answer := await backend.receive()) is not None:
                     builder.add((v.index, v.value) for v in answer.sparse_embeddings)
 
-        await self._call(record, call, timeout=self._unary_timeout())
+        await self.call(record, call, timeout=self._unary_timeout())
         _check_rows(builder.rows, len(texts))
         return mux_pb2.EmbedSparseArrowResponse(arrow_ipc=builder.to_ipc())
 
@@ -416,10 +530,13 @@ class MultiplexerService:
             texts = arrow.read_texts(message.arrow_ipc)
         except arrow.ArrowInputError as exc:
             raise status_error(StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        current = current_request()
+        if current is not None:
+            current.rows = len(texts)
         return target, texts
 
 
-async def _send_all(backend: Any, requests: list[Any]) -> None:
+async def _send_all(backend: BackendStream, requests: Sequence[Any]) -> None:
     for message in requests:
         await backend.send(message)
     await backend.done_sending()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .spec import InstanceSpec
+from .spec import InstanceSpec, check_extra_args
 
 __all__ = [
     "INSTANCE_MARKER",
@@ -64,7 +64,15 @@ def build_argv(
     launcher: Sequence[str], spec: InstanceSpec, port: int, prometheus_port: int
 ) -> list[str]:
     """The router's argv: ``launcher`` (the binary, or an interpreter and a
-    module) followed by the flags, then the spec's ``extra_args``."""
+    module) followed by the flags, then the spec's ``extra_args``.
+
+    A list, never a shell string: each item, ``extra_args``' included, reaches
+    the router as one inert argument. The router always listens on loopback
+    only (``--hostname 127.0.0.1``); the multiplexer is the way in.
+    """
+    # Validated when the spec was built, but the list itself is mutable: the
+    # manager's flags must not be overridable by whatever it holds now.
+    check_extra_args(spec.extra_args)
     argv = [
         *launcher,
         "--model-id",

@@ -6,14 +6,17 @@ so every bad value is refused here with a message that names the field.
 
 from __future__ import annotations
 
+import itertools
 import re
+import unicodedata
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
 
 from ..supervision import Backoff, Intensity, RestartType
 
-__all__ = ["InstanceSpec", "RestartPolicy", "spec_from_dict"]
+__all__ = ["InstanceSpec", "RestartPolicy", "check_extra_args", "spec_from_dict"]
 
 # \Z, not $: "$" also matches before a final newline.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}\Z"
@@ -50,6 +53,18 @@ FIELD_FLAGS = {
 }
 #: Flags that make the router print something and exit at once.
 EXITING_FLAGS = frozenset({"-h", "--help", "-V", "--version"})
+
+#: What a model id or a revision may consist of: an HF repo id
+#: ("BAAI/bge-small-en-v1.5"), a branch, tag or commit ("refs/pr/2"), or a local
+#: path made of ordinary characters ("/data/models/bge"). No whitespace, control
+#: characters, quotes or shell syntax: argv items never reach a shell, but
+#: nothing legitimate needs them, and they would only end up in logs and files.
+SAFE_VALUE_PATTERN = r"[\w./@:+,=-]+\Z"
+_SAFE_VALUE_CHARS = "letters, digits and . _ - / @ : + , ="
+#: A long flag's name (before any "=value"): TEI's are lower-case words and dashes.
+_LONG_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+#: A negative number given as a value ("-1", "-0.5", "-1e3"), not a short flag.
+_NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\Z")
 
 
 class RestartPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -113,8 +128,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
                 "'.', '_', '-'; at most 63 characters)"
             )
         _check_model_id(self.model_id)
-        if self.revision is not None and (self.revision.startswith("-") or _unsafe(self.revision)):
-            raise ValueError(f"revision {self.revision!r} is not a valid revision")
+        if self.revision is not None:
+            _check_revision(self.revision)
         for field in ("port", "prometheus_port"):
             value = getattr(self, field)
             if value is not None and not 0 <= value <= 65535:
@@ -125,7 +140,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
             value = getattr(self, field)
             if value is not None and value <= 0:
                 raise ValueError(f"{field} must be > 0, got {value}")
-        _check_extra_args(self.extra_args)
+        check_extra_args(self.extra_args)
         for field, low in (("startup_timeout_secs", 0.0), ("stop_grace_secs", -1.0)):
             value = getattr(self, field)
             if not (low < value <= MAX_SECONDS):  # also refuses NaN
@@ -139,31 +154,108 @@ def _unsafe(text: str) -> bool:
     return any(ch in text for ch in "\0\n\r")
 
 
+def _control(text: str) -> bool:
+    """Whether ``text`` holds a control character (NUL, line breaks, tab,
+    escape, DEL, ...) or a Unicode line or paragraph separator."""
+    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
+
+
 def _check_model_id(model_id: str) -> None:
     if not model_id.strip():
         raise ValueError("model_id must not be empty")
+    if len(model_id) > 1024:
+        raise ValueError(f"model_id must be at most 1024 characters, got {len(model_id)}")
     if model_id.startswith("-"):
         raise ValueError(f"model_id {model_id!r} must not start with '-'")
     if _unsafe(model_id):
         raise ValueError("model_id must not contain NUL or line breaks")
+    if not re.match(SAFE_VALUE_PATTERN, model_id):
+        raise ValueError(
+            f"model_id {model_id!r} is neither an HF repo id such as 'BAAI/bge-small-en-v1.5' "
+            f"nor a local path such as '/data/models/bge': only {_SAFE_VALUE_CHARS} are allowed"
+        )
 
 
-def _check_extra_args(extra_args: list[str]) -> None:
+def _check_revision(revision: str) -> None:
+    if (
+        len(revision) > 256
+        or revision.startswith("-")
+        or not re.match(SAFE_VALUE_PATTERN, revision)
+    ):
+        raise ValueError(
+            f"revision {revision!r} is not a valid revision: a branch, tag or commit id "
+            f"such as 'main' or 'refs/pr/2' ({_SAFE_VALUE_CHARS}; not starting with '-')"
+        )
+
+
+def _refuse_flag(flag: str, written: str | None = None) -> None:
+    """Raise if ``flag`` (a router flag, ``--port`` or ``-p``) may not be in
+    extra_args; ``written`` is the item's spelling when it is not ``flag``."""
+    what = flag if written is None else f"{written} (read as {flag})"
+    if flag in OWNED_FLAGS:
+        raise ValueError(f"extra_args may not set {what}: the manager owns it")
+    if flag in FIELD_FLAGS:
+        raise ValueError(f"extra_args may not set {what}: use the field {FIELD_FLAGS[flag]!r}")
+    if flag in EXITING_FLAGS:
+        raise ValueError(f"extra_args may not contain {what}: the router would exit at once")
+
+
+#: Long forms, the manager's own first: what an abbreviation is read as.
+_PROTECTED_LONG = [
+    flag
+    for group in (OWNED_FLAGS, FIELD_FLAGS, EXITING_FLAGS)
+    for flag in sorted(group)
+    if flag.startswith("--")
+]
+_PROTECTED_SHORT = {flag[1]: flag for flag in (*OWNED_FLAGS, *EXITING_FLAGS) if len(flag) == 2}
+
+
+def _check_long_flag(arg: str) -> None:
+    written = arg.split("=", 1)[0]
+    if not _LONG_FLAG.match(written):
+        raise ValueError(
+            f"extra_args item {arg!r} is not a flag: write '--flag' or '--flag=value', "
+            "and give a value as an item of its own"
+        )
+    # Compared as a lenient parser might read it: any case, '_' for '-'.
+    flag = written.lower().replace("_", "-")
+    _refuse_flag(flag, None if flag == written else written)
+    # Neither TEI (clap) nor the embedded backend (argparse, allow_abbrev=False)
+    # expands an abbreviation, but a parser that did would read "--host" as
+    # "--hostname": refused too. No real router flag is a prefix of these.
+    for full in _PROTECTED_LONG:
+        if full.startswith(flag):
+            _refuse_flag(full, written)
+
+
+def _check_short_flag(arg: str) -> None:
+    # A short flag alone ("-p"), with its value attached ("-p8080", "-p=8080"),
+    # or inside a cluster ("-xp8080"). The router's only short flags are -p, -h
+    # and -V, so one of those anywhere in the cluster's letters is refused.
+    _refuse_flag(arg[:2])
+    for letter in itertools.takewhile(str.isalpha, arg[1:]):
+        if letter in _PROTECTED_SHORT:
+            _refuse_flag(_PROTECTED_SHORT[letter], arg)
+
+
+def check_extra_args(extra_args: Sequence[str]) -> None:
+    """Raise `ValueError` unless ``extra_args`` may follow the manager's flags.
+
+    Each item is one argv item, never split or given to a shell; refused are
+    control characters and anything that would set a flag the manager owns,
+    a flag with a field of its own, or a flag that makes the router exit."""
     for arg in extra_args:
-        if not isinstance(arg, str) or _unsafe(arg):
-            raise ValueError(f"extra_args item {arg!r} must be a string without NUL or line breaks")
+        if not isinstance(arg, str) or _control(arg):
+            raise ValueError(
+                f"extra_args item {arg!r} must be a string without NUL, line breaks "
+                "or other control characters"
+            )
+        if arg == "--":
+            raise ValueError("extra_args may not contain '--': it would end the router's options")
         if arg.startswith("--"):
-            flag = arg.split("=", 1)[0]
-        elif arg.startswith("-") and len(arg) > 2:
-            flag = arg[:2]  # "-p8080", "-p=8080": a short flag with its value attached
-        else:
-            flag = arg
-        if flag in OWNED_FLAGS:
-            raise ValueError(f"extra_args may not set {flag}: the manager owns it")
-        if flag in FIELD_FLAGS:
-            raise ValueError(f"extra_args may not set {flag}: use the field {FIELD_FLAGS[flag]!r}")
-        if flag in EXITING_FLAGS:
-            raise ValueError(f"extra_args may not contain {flag}: the router would exit at once")
+            _check_long_flag(arg)
+        elif arg.startswith("-") and len(arg) > 1 and not _NEGATIVE_NUMBER.match(arg):
+            _check_short_flag(arg)
     if extra_args and not extra_args[0].startswith("-"):
         raise ValueError(
             f"extra_args must start with a flag (got {extra_args[0]!r}); "

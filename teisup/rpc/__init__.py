@@ -13,6 +13,7 @@
 The generated messages and stubs are in `teisup.proto`.
 """
 
+from ._purerpc import DEFAULT_MAX_MESSAGE_LENGTH, MAX_MESSAGE_LENGTH_LIMIT
 from .client import (
     Channel,
     RpcError,
@@ -24,10 +25,14 @@ from .client import (
 )
 from .health import HealthServicer, ServingStatus, check_health, fetch_info
 from .reflection import ReflectionService
-from .server import DEFAULT_HOST, Server
+from .server import DEFAULT_HOST, Authorizer, Peer, Server
 
 __all__ = [
     "DEFAULT_HOST",
+    "DEFAULT_MAX_MESSAGE_LENGTH",
+    "MAX_MESSAGE_LENGTH_LIMIT",
+    "Authorizer",
+    "Peer",
     "Channel",
     "HealthServicer",
     "ReflectionService",

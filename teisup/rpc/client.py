@@ -30,7 +30,7 @@ import h2.exceptions
 import trio
 from purerpc import GRPCError, RpcFailedError
 
-from ._purerpc import TidySocket, client_config
+from ._purerpc import DEFAULT_MAX_MESSAGE_LENGTH, TidySocket, client_config
 
 __all__ = [
     "Channel",
@@ -107,7 +107,11 @@ class Channel:
 
 @asynccontextmanager
 async def open_channel(
-    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
 ) -> AsyncIterator[Channel]:
     """Connect to ``host:port`` and yield a `Channel`; the socket is closed on exit.
 
@@ -132,7 +136,7 @@ async def open_channel(
         raise RpcUnavailable(f"cannot connect to {target}: {_describe(exc)}") from exc
     block_done = False
     try:
-        async with TidySocket(client_config(), stream) as grpc_socket:
+        async with TidySocket(client_config(max_message_length), stream) as grpc_socket:
             yield Channel(host, port, grpc_socket)
             block_done = True
     except BaseExceptionGroup as group:

@@ -13,7 +13,9 @@ its service/servicer objects and replaces the serving loop:
 * a handler that raises gives the caller UNKNOWN, a `purerpc.RpcFailedError`
   gives its own status, and cancellation is never caught;
 * a client's ``grpc-timeout`` is enforced: the handler is cancelled and the
-  call ends with DEADLINE_EXCEEDED.
+  call ends with DEADLINE_EXCEEDED;
+* a message over ``max_message_length`` (either way) ends that call with
+  RESOURCE_EXHAUSTED and leaves the connection and its other calls alone.
 
 There is no graceful drain: stopping means cancelling, as with purerpc.
 """
@@ -24,14 +26,16 @@ import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
 import trio
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
 from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.wrappers import (
     call_server_stream_stream,
     call_server_stream_unary,
@@ -39,9 +43,14 @@ from purerpc.wrappers import (
     call_server_unary_unary,
 )
 
-from ._purerpc import TidySocket, server_config
+from ._purerpc import (
+    DEFAULT_MAX_MESSAGE_LENGTH,
+    MAX_MESSAGE_LENGTH_LIMIT,
+    TidySocket,
+    server_config,
+)
 
-__all__ = ["DEFAULT_HOST", "Server"]
+__all__ = ["DEFAULT_HOST", "Authorizer", "Peer", "Server"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,26 @@ _CALLERS: dict[Any, Callable[[Any, Any], Awaitable[None]]] = {
     Cardinality.STREAM_UNARY: call_server_stream_unary,
     Cardinality.STREAM_STREAM: call_server_stream_stream,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client at the other end of one connection.
+
+    ``certificate`` is the client certificate the TLS handshake verified, in
+    `ssl.SSLSocket.getpeercert` form, or None (plaintext, or no certificate
+    sent under optional client authentication).
+    """
+
+    address: str
+    certificate: dict[str, Any] | None = None
+
+
+Authorizer = Callable[[Peer, RequestReceived], "Status | None"]
+"""Decides one call before its handler runs: None lets it in, a status refuses it.
+
+It gets the connection's `Peer` and the call's headers (``service_name``,
+``method_name``, ``custom_metadata``)."""
 
 
 class Server:
@@ -69,7 +98,10 @@ class Server:
     ``port=0`` picks a free port; `serve_async` reports the bound one through
     ``task_status`` and `port` holds it from then on. With ``ssl_context`` the
     connections are TLS; set ALPN (``ctx.set_alpn_protocols(["h2"])``) on the
-    context yourself if grpcio clients must connect.
+    context yourself if grpcio clients must connect. The context is read at
+    each handshake, so loading a new certificate into it (or assigning
+    `ssl_context`) applies to new connections and leaves open ones alone.
+    ``authorize`` (an `Authorizer`) sees every call first.
     """
 
     def __init__(
@@ -79,10 +111,19 @@ class Server:
         host: str = DEFAULT_HOST,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
+        authorize: Authorizer | None = None,
     ) -> None:
+        if not 0 < max_message_length <= MAX_MESSAGE_LENGTH_LIMIT:
+            raise ValueError(
+                f"max_message_length must be 1..{MAX_MESSAGE_LENGTH_LIMIT} bytes, "
+                f"not {max_message_length}"
+            )
         self.host = host
         self._port = port
-        self._ssl_context = ssl_context
+        self.ssl_context = ssl_context
+        self.max_message_length = max_message_length
+        self._authorize = authorize
         self._handshake_timeout = handshake_timeout
         self._services: dict[str, Any] = {}
         self._connections = 0
@@ -131,20 +172,25 @@ class Server:
     async def _serve_connection(self, stream: anyio.abc.AnyByteStream) -> None:
         self._connections += 1
         try:
-            if self._ssl_context is not None:
+            address = _address(stream)
+            certificate = None
+            context = self.ssl_context
+            if context is not None:
                 with trio.fail_after(self._handshake_timeout):
                     stream = await TLSStream.wrap(
                         stream,
                         server_side=True,
-                        ssl_context=self._ssl_context,
+                        ssl_context=context,
                         standard_compatible=False,
                     )
+                certificate = stream.extra(TLSAttribute.peer_certificate, None) or None
+            peer = Peer(address, certificate)
             async with (
-                TidySocket(server_config(), stream) as grpc_socket,
+                TidySocket(server_config(self.max_message_length), stream) as grpc_socket,
                 trio.open_nursery() as calls,
             ):
                 async for call in grpc_socket.listen():
-                    calls.start_soon(self._dispatch, call)
+                    calls.start_soon(self._dispatch, call, peer)
                 # The peer closed the connection: nobody is left to read the
                 # answers, and a call waiting on something else (a health Watch)
                 # would otherwise keep this connection forever.
@@ -156,7 +202,7 @@ class Server:
             self._connections -= 1
             await anyio.aclose_forcefully(stream)
 
-    async def _dispatch(self, stream: Any) -> None:
+    async def _dispatch(self, stream: Any, peer: Peer) -> None:
         try:
             await stream.start_response()
             event = await stream.receive_event()
@@ -173,6 +219,11 @@ class Server:
                     )
                 )
                 return
+            if self._authorize is not None:
+                refusal = self._authorize(peer, event)
+                if refusal is not None:
+                    await stream.close(refusal)
+                    return
             stream.expect_message_type(method.signature.request_type)
             handler = functools.partial(method.method_fn, request=event)
             caller = _CALLERS[method.signature.cardinality]
@@ -195,6 +246,19 @@ class Server:
                 await stream.close(Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
         except RpcFailedError as error:
             await stream.close(error.status)
+        except MessageTooLargeError as exc:
+            # An answer over the limit (a request over it is refused on arrival).
+            await stream.close(Status(StatusCode.RESOURCE_EXHAUSTED, str(exc)))
         except Exception as exc:
             log.exception("gRPC handler failed")
             await stream.close(Status(StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"))
+
+
+def _address(stream: anyio.abc.AnyByteStream) -> str:
+    try:
+        remote = stream.extra(anyio.abc.SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return ""
+    if isinstance(remote, tuple):
+        return f"{remote[0]}:{remote[1]}"
+    return str(remote)

@@ -51,6 +51,19 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     api_port: Port = 9000
     grpc_port: Port = 9001
     grpc_enabled: bool = True
+    #: The largest gRPC message, each way, from clients and from instances
+    #: (RESOURCE_EXHAUSTED past it); also the HTTP data plane's body limit.
+    grpc_max_message_size_mb: Annotated[int, msgspec.Meta(ge=1, le=1023)] = 40
+    #: tei-manager's per-stream response buffer. Accepted so its configs load;
+    #: teisup's streams are paced by HTTP/2 flow control instead.
+    grpc_max_parallel_streams: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    #: Deadline of a data-plane call whose client sent none (0: none).
+    grpc_request_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    #: A stream with no message either way for this long ends (0: never).
+    grpc_stream_idle_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    #: How long a call waits for a free slot of a saturated instance
+    #: (its max_concurrent_requests) before RESOURCE_EXHAUSTED.
+    grpc_queue_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     #: The address the REST API and the multiplexer listen on.
     bind_host: str = "0.0.0.0"
     state_file: str = msgspec.field(default_factory=default_state_file)

@@ -4,7 +4,10 @@ tei-manager's five series keep their names and labels, so existing dashboards
 work, and each is actually recorded (tei-manager never increments its
 health-check failure counter, and counts only health-triggered restarts).
 teisup adds per-state instance gauges, restarts by reason, backoff seconds,
-probe latency, state-write duration and failures, and per-GPU readings.
+probe latency, state-write duration and failures, and per-GPU readings; and,
+for the data plane (gRPC multiplexer and HTTP), requests by transport, method,
+instance and status code, their latency, calls in flight per instance, and
+rows per Arrow request.
 
 Values that are state (instance states, backoff, GPUs) are read at scrape
 time by a collector, so they can never drift from the truth.
@@ -18,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..grpc.observe import RequestRecord
 from ..instances import GpuInfo, InstanceInfo
 from ..supervision import ChildState, TransitionEvent
 
@@ -102,7 +106,30 @@ class Metrics:
             ["source"],
             registry=r,
         )
-        r.register(_StateCollector(instances, gpus))
+        self.requests = Counter(
+            "teisup_requests",
+            "Data-plane requests by transport (grpc, http), method, instance and gRPC status "
+            "code; instance is empty when refused before routing",
+            ["transport", "method", "instance", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "teisup_request_duration_seconds",
+            "Data-plane request latency, from arrival to answer",
+            ["transport", "method", "instance"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.arrow_rows = Histogram(
+            "teisup_arrow_rows",
+            "Rows per Arrow batch request",
+            ["method", "instance"],
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000, 100000),
+            registry=r,
+        )
+        #: Calls in flight on an instance (set by the service to its backend pool's count).
+        self.in_flight: Callable[[str], int] = lambda name: 0
+        r.register(_StateCollector(instances, gpus, lambda name: self.in_flight(name)))
         self._instances = instances
 
     def render(self) -> bytes:
@@ -121,6 +148,14 @@ class Metrics:
         if ready and not ok:
             self.health_failures.labels(instance).inc()
 
+    def request_done(self, record: RequestRecord) -> None:
+        """Count one data-plane request (the `teisup.grpc.observe.RequestObserver` hook)."""
+        labels = (record.transport, record.method, record.instance)
+        self.requests.labels(*labels, record.code).inc()
+        self.request_seconds.labels(*labels).observe(record.seconds)
+        if record.rows is not None:
+            self.arrow_rows.labels(record.method, record.instance).observe(record.rows)
+
     def on_state_write(self, seconds: float, ok: bool) -> None:
         self.state_write_seconds.observe(seconds)
         if not ok:
@@ -129,10 +164,14 @@ class Metrics:
 
 class _StateCollector(Collector):
     def __init__(
-        self, instances: Callable[[], list[InstanceInfo]], gpus: Callable[[], list[GpuInfo]]
+        self,
+        instances: Callable[[], list[InstanceInfo]],
+        gpus: Callable[[], list[GpuInfo]],
+        in_flight: Callable[[str], int],
     ) -> None:
         self._instances = instances
         self._gpus = gpus
+        self._in_flight = in_flight
 
     def collect(self) -> Iterable[Metric]:
         states = GaugeMetricFamily(
@@ -145,14 +184,21 @@ class _StateCollector(Collector):
             "Seconds until a restarting instance is started again",
             labels=["instance"],
         )
+        in_flight = GaugeMetricFamily(
+            "teisup_requests_in_flight",
+            "Data-plane calls holding one of an instance's max_concurrent_requests slots",
+            labels=["instance"],
+        )
         for info in self._instances():
             for state in ChildState:
                 states.add_metric(
                     [info.name, state.value], 1.0 if info.status == state.value else 0
                 )
             backoff.add_metric([info.name], info.next_restart_in or 0.0)
+            in_flight.add_metric([info.name], float(self._in_flight(info.name)))
         yield states
         yield backoff
+        yield in_flight
         memory = GaugeMetricFamily(
             "teisup_gpu_memory_bytes", "GPU memory by kind", labels=["gpu", "name", "kind"]
         )

@@ -6,7 +6,9 @@
     ├── state-writer   writes the snapshot after every transition; the final one last
     ├── observer       reads every transition: marks the state dirty, counts metrics
     ├── instances      the instances supervisor (InstanceManager)
-    ├── api            the REST control plane on hypercorn
+    ├── backends       the data plane's connections to the instances (BackendPool)
+    ├── api            the REST control plane and the HTTP data plane on hypercorn
+    ├── grpc           the gRPC multiplexer (when grpc_enabled)
     ├── poller         GPU readings for /gpus and /metrics
     ├── reaper         reaps orphans the manager adopts (subreaper, or PID 1)
     └── restore        temporary: starts restored instances in the background
@@ -18,8 +20,11 @@ last, writes the final snapshot.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import signal
 import ssl
 import time
 from functools import partial
@@ -29,9 +34,10 @@ import hypercorn.config
 import hypercorn.trio
 import msgspec
 import trio
+from purerpc import Status, StatusCode
 
 from ..api import create_app
-from ..grpc import Multiplexer
+from ..grpc import SERVICE_NAME, BackendPool, Multiplexer, MultiplexerService
 from ..instances import (
     GpuInfo,
     HealthSettings,
@@ -48,6 +54,7 @@ from ..instances import (
 )
 from ..instances.probe import grpc_health_probe
 from ..instances.runner import Probe
+from ..rpc import Peer
 from ..supervision import (
     BRUTAL_KILL,
     ChildContext,
@@ -59,7 +66,7 @@ from ..supervision import (
 from .config import ManagerConfig
 from .metrics import Metrics
 from .state import SavedInstance, Snapshot, StateStore, StateWriter
-from .tls import validate as validate_tls
+from .tls import AllowList, TlsError, TlsReloader
 
 __all__ = ["Service"]
 
@@ -92,12 +99,17 @@ class Service:
         #: Resolved once: a missing or empty token file is a start-up error.
         self.api_token = config.resolve_api_token()
         self.protect_health_and_metrics = config.protect_health_and_metrics
+        #: Who may connect, beyond what the CA vouches for (REST and gRPC alike).
+        self.allow_list = AllowList.of(config.tls)
+        #: The live TLS contexts, reloaded on SIGHUP; None without TLS.
+        self.tls: TlsReloader | None = None
         self._gpus: list[GpuInfo] = []
         self.api_urls: list[str] = []
         self._root: Supervisor | None = None
         self._manager: InstanceManager | None = None
         self._writer: StateWriter | None = None
         self.multiplexer: Multiplexer | None = None
+        self._data_plane: MultiplexerService | None = None
         self.metrics = Metrics(instances=self._instances, gpus=lambda: list(self._gpus))
 
     # -- what the API uses ----------------------------------------------------
@@ -138,6 +150,34 @@ class Service:
             "latency_ms": round((time.perf_counter() - began) * 1000, 3),
         }
 
+    @property
+    def data_plane(self) -> MultiplexerService | None:
+        return self._data_plane
+
+    @property
+    def data_body_limit(self) -> int:
+        return self.config.grpc_max_message_size_mb * 1024 * 1024
+
+    def authorize_grpc(self, peer: Peer, event: Any) -> Status | None:
+        """The gRPC servers' gate: the allow-list for every call, the token for the data plane.
+
+        Health and reflection stay open to any client the TLS layer let in, as
+        /health does over REST.
+        """
+        refusal = self.allow_list.refusal(peer.certificate) if self.tls is not None else None
+        if refusal is not None:
+            return Status(StatusCode.PERMISSION_DENIED, refusal)
+        if self.api_token is not None and event.service_name == SERVICE_NAME:
+            given = dict(event.custom_metadata).get("authorization", "")
+            if isinstance(given, bytes):
+                given = given.decode(errors="replace")
+            expected = f"Bearer {self.api_token}".encode()
+            if not hmac.compare_digest(
+                hashlib.sha256(str(given).encode()).digest(), hashlib.sha256(expected).digest()
+            ):
+                return Status(StatusCode.UNAUTHENTICATED, "missing or wrong API token")
+        return None
+
     def _instances(self) -> list[InstanceInfo]:
         return self._manager.all() if self._manager is not None else []
 
@@ -160,6 +200,10 @@ class Service:
                 "it can start processes on this host. Set TEISUP_API_TOKEN (or api_token_file).",
                 config.bind_host,
             )
+        if config.tls.enabled:
+            # Checked before anything binds: a bad file stops the start, naming it.
+            self.tls = TlsReloader(config.tls)
+            self.tls.reload()
         if not set_child_subreaper():
             logger.warning("cannot become a child subreaper; orphaned grandchildren go to init")
         async with ProcessSpawner() as spawner:
@@ -197,10 +241,28 @@ class Service:
             if swept:
                 logger.warning("killed %d process(es) left by a previous manager", len(swept))
             self._take_back(self._load())
+            pool = BackendPool(
+                queue_timeout=config.grpc_queue_timeout_secs,
+                max_message_length=self.data_body_limit,
+            )
+            self.metrics.in_flight = pool.in_flight
+            self._data_plane = MultiplexerService(
+                manager,
+                pool,
+                default_timeout=config.grpc_request_timeout_secs,
+                stream_idle_timeout=config.grpc_stream_idle_timeout_secs,
+                observer=self.metrics,
+            )
             grpc = []
             if config.grpc_enabled:
                 self.multiplexer = Multiplexer(
-                    manager, host=config.bind_host, port=config.grpc_port
+                    manager,
+                    host=config.bind_host,
+                    port=config.grpc_port,
+                    max_message_length=self.data_body_limit,
+                    data_plane=self._data_plane,
+                    ssl_context=self.tls.context(alpn=["h2"]) if self.tls else None,
+                    authorize=self.authorize_grpc,
                 )
                 grpc = [ChildSpec("grpc", self.multiplexer.run, shutdown=30.0)]
             self._root = Supervisor(
@@ -209,9 +271,15 @@ class Service:
                     ChildSpec("state-writer", self._writer.run, shutdown=60.0),
                     ChildSpec("observer", self._observe, shutdown=BRUTAL_KILL),
                     ChildSpec("instances", manager.supervisor),
+                    ChildSpec("backends", partial(self._run_pool, pool), shutdown=BRUTAL_KILL),
                     ChildSpec("api", self._serve_api, shutdown=30.0),
                     *grpc,
                     ChildSpec("poller", self._poll_gpus, shutdown=BRUTAL_KILL),
+                    *(
+                        [ChildSpec("tls-reload", self._reload_tls, shutdown=BRUTAL_KILL)]
+                        if self.tls is not None
+                        else []
+                    ),
                     ChildSpec("reaper", self._reap, shutdown=BRUTAL_KILL),
                     ChildSpec(
                         "restore",
@@ -298,7 +366,12 @@ class Service:
                 self.metrics.on_transition(event)
 
     async def _serve_api(self, ctx: ChildContext) -> None:
-        config = hypercorn.config.Config()
+        if self.tls is not None:
+            config: hypercorn.config.Config = _TlsConfig(
+                self.tls.context(alpn=["h2", "http/1.1"], record_peer=True)
+            )
+        else:
+            config = hypercorn.config.Config()
         host = self.config.bind_host
         config.bind = [
             f"[{host}]:{self.config.api_port}" if ":" in host else f"{host}:{self.config.api_port}"
@@ -307,15 +380,6 @@ class Service:
         config.accesslog = None
         # Through our logging setup, so --log-format json covers hypercorn too.
         config.errorlog = logging.getLogger("teisup.api")
-        tls = self.config.tls
-        if tls.enabled:
-            validate_tls(tls)
-            config.certfile, config.keyfile, config.ca_certs = tls.cert, tls.key, tls.ca
-            config.verify_mode = {
-                "none": ssl.CERT_NONE,
-                "optional": ssl.CERT_OPTIONAL,
-                "required": ssl.CERT_REQUIRED,
-            }[tls.client_auth]
         app = create_app(self)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
@@ -324,6 +388,29 @@ class Service:
             self.api_urls = list(binds)
             logger.info("REST API listening on %s", ", ".join(self.api_urls))
             ctx.started()
+
+    @staticmethod
+    async def _run_pool(pool: BackendPool, ctx: ChildContext) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            ctx.started()
+            await ctx.wait_stop_requested()
+            nursery.cancel_scope.cancel()
+
+    async def _reload_tls(self, ctx: ChildContext) -> None:
+        assert self.tls is not None
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            ctx.started()
+            async for _ in signals:
+                try:
+                    self.tls.reload()
+                except (TlsError, ssl.SSLError) as exc:
+                    logger.error("SIGHUP: TLS files not reloaded, the old ones stay: %s", exc)
+                else:
+                    logger.info(
+                        "SIGHUP: TLS certificate reloaded from %s (new connections use it)",
+                        self.config.tls.cert,
+                    )
 
     async def _poll_gpus(self, ctx: ChildContext) -> None:
         while True:
@@ -344,6 +431,21 @@ class Service:
                     await manager.start(name)
                 except Exception as exc:  # one bad instance must not stop the others
                     logger.error("cannot start restored instance %r: %s", name, exc)
+
+
+class _TlsConfig(hypercorn.config.Config):
+    """hypercorn's settings, serving teisup's own (reloadable, peer-recording) TLS context."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self._context = context
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return True
+
+    def create_ssl_context(self) -> ssl.SSLContext:
+        return self._context
 
 
 def _spec_of(saved: SavedInstance) -> InstanceSpec:

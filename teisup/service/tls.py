@@ -9,15 +9,26 @@ authentication asked for without a CA to check clients against.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
+import ipaddress
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from cryptography import x509
 
-__all__ = ["TlsError", "TlsSettings", "server_context", "validate"]
+__all__ = [
+    "AllowList",
+    "TlsError",
+    "TlsReloader",
+    "TlsSettings",
+    "peer_certificate",
+    "server_context",
+    "validate",
+]
 
 ClientAuth = Literal["none", "optional", "required"]
 
@@ -67,12 +78,12 @@ def _certificates(path: str, what: str) -> list[x509.Certificate]:
 
 def validate(settings: TlsSettings, *, now: datetime.datetime | None = None) -> None:
     """Check everything a server context needs; raise `TlsError` naming the file."""
-    if settings.allowed_subjects or settings.allowed_sans:
-        # Accepting a security setting that is not enforced would be worse
-        # than refusing it (tei-manager's documented-but-absent settings).
+    if (settings.allowed_subjects or settings.allowed_sans) and settings.client_auth == "none":
+        # An allow-list with no client certificates to check would let
+        # everybody in while looking as if it did not.
         raise TlsError(
-            "tls: allowed_subjects and allowed_sans are not enforced by this version yet; "
-            "remove them (every client the CA vouches for is let in) or upgrade"
+            "tls: allowed_subjects / allowed_sans need client certificates: "
+            "set client_auth to 'required' (or 'optional') and a ca"
         )
     if not settings.enabled:
         if settings.ca or settings.client_auth != "none":
@@ -106,11 +117,16 @@ def validate(settings: TlsSettings, *, now: datetime.datetime | None = None) -> 
         _certificates(settings.ca, "ca")
 
 
-def server_context(settings: TlsSettings, *, alpn: list[str]) -> ssl.SSLContext:
+def server_context(
+    settings: TlsSettings, *, alpn: list[str], record_peer: bool = False
+) -> ssl.SSLContext:
     """A server context for ``settings`` (validated first), offering ``alpn``.
 
     gRPC servers must offer ``["h2"]``: grpcio peers refuse a TLS server that
-    negotiates no ALPN protocol.
+    negotiates no ALPN protocol. With ``record_peer``, each handshake stores
+    the verified client certificate in `peer_certificate` for the task that
+    did it and the tasks it starts (how the REST app sees who is calling:
+    hypercorn does not pass the certificate on).
     """
     validate(settings)
     assert settings.cert is not None
@@ -126,4 +142,108 @@ def server_context(settings: TlsSettings, *, alpn: list[str]) -> ssl.SSLContext:
         "required": ssl.CERT_REQUIRED,
     }[settings.client_auth]
     context.set_alpn_protocols(alpn)
+    if record_peer:
+        context.sslobject_class = _PeerRecordingSSLObject
     return context
+
+
+peer_certificate: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "teisup_peer_certificate", default=None
+)
+"""The client certificate verified by the TLS handshake of the current
+connection (`ssl.SSLSocket.getpeercert` form), for contexts made with
+``record_peer``. Trio tasks copy their parent's context when started, and
+hypercorn starts a connection's request handlers from the task that ran its
+handshake, so a handler sees its own connection's certificate."""
+
+
+class _PeerRecordingSSLObject(ssl.SSLObject):
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        peer_certificate.set(self.getpeercert() or None)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    """Which verified client certificates are let in: subject CNs and SANs.
+
+    Empty on both counts: every certificate the CA vouches for. Otherwise a
+    certificate is let in when its subject common name is in ``subjects`` or
+    one of its DNS, IP-address, URI or e-mail SANs is in ``sans``.
+    """
+
+    subjects: frozenset[str] = frozenset()
+    sans: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, settings: TlsSettings) -> AllowList:
+        return cls(
+            frozenset(settings.allowed_subjects),
+            frozenset(_canonical(s) for s in settings.allowed_sans),
+        )
+
+    @property
+    def restricts(self) -> bool:
+        return bool(self.subjects or self.sans)
+
+    def refusal(self, certificate: dict[str, Any] | None) -> str | None:
+        """None if ``certificate`` is let in, else why not (safe to tell the client)."""
+        if not self.restricts:
+            return None
+        if not certificate:
+            return "a client certificate is required"
+        names = {
+            value
+            for rdn in certificate.get("subject", ())
+            for key, value in rdn
+            if key == "commonName"
+        }
+        if names & self.subjects:
+            return None
+        sans = {_canonical(value) for _, value in certificate.get("subjectAltName", ())}
+        if sans & self.sans:
+            return None
+        shown = ", ".join(sorted(names)) or "(no common name)"
+        return f"client certificate {shown} is not in the allow-list"
+
+
+def _canonical(name: str) -> str:
+    try:
+        return str(ipaddress.ip_address(name.strip()))
+    except ValueError:
+        return name.strip().lower()
+
+
+class TlsReloader:
+    """Loads new certificate files into live server contexts (SIGHUP).
+
+    A context keeps serving open connections with the certificate they
+    handshook with; only new handshakes see the new one. CA bundles are
+    added to: a CA removed from the file stays trusted until a restart.
+    """
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self.contexts: list[ssl.SSLContext] = []
+        self.reloads = 0
+
+    def context(self, *, alpn: list[str], record_peer: bool = False) -> ssl.SSLContext:
+        """A new server context from the settings, reloaded with the others."""
+        context = server_context(self.settings, alpn=alpn, record_peer=record_peer)
+        self.contexts.append(context)
+        return context
+
+    def reload(self) -> None:
+        """Check the files again and load them into every context.
+
+        Raises `TlsError` (and changes nothing) if the new files are unusable.
+        """
+        validate(self.settings)
+        cert, key, ca = self.settings.cert, self.settings.key, self.settings.ca
+        assert cert is not None
+        assert key is not None
+        for context in self.contexts:
+            context.load_cert_chain(cert, key)
+            if ca is not None:
+                context.load_verify_locations(cafile=ca)
+        self.reloads += 1

@@ -7,13 +7,11 @@
   a process started and waited for on its ``Ready`` line.
 * `running_mux`: a `Multiplexer` on a free port in the test's own Trio run.
 * `call`: one purerpc call to the multiplexer under a deadline.
-* ``mux_stubs``: grpcio stubs generated with grpcio-tools from protos/, the
-  client nobody on this team wrote.
+* ``mux_stubs`` (in ``tests/conftest.py``): grpcio stubs from protos/.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -22,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -169,31 +167,3 @@ async def call(
 
 def target(name: str) -> multiplexer_pb2.Target:
     return multiplexer_pb2.Target(instance_name=name)
-
-
-@pytest.fixture(scope="session")
-def mux_stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """grpcio's ``multiplexer_pb2`` / ``_pb2_grpc`` and ``tei_pb2``, from grpcio-tools."""
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("grpcio_mux_stubs")
-    protos = ROOT / "protos"
-    argv = [
-        "protoc",
-        f"-I{protos}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        str(protos / "tei" / "v1" / "tei.proto"),
-        str(protos / "tei_multiplexer" / "v1" / "multiplexer.proto"),
-    ]
-    assert protoc.main(argv) == 0
-    sys.path.insert(0, str(out))
-    try:
-        modules: dict[str, ModuleType] = {
-            "tei_pb2": importlib.import_module("tei.v1.tei_pb2"),
-            "pb2": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2"),
-            "pb2_grpc": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2_grpc"),
-        }
-    finally:
-        sys.path.remove(str(out))
-    return SimpleNamespace(**modules)

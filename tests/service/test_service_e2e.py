@@ -104,6 +104,28 @@ async def teisup(
                 await proc.wait()
 
 
+async def status_of_announced_body(
+    url: str, path: str, length: int, headers: dict[str, str] | None = None
+) -> int:
+    """POST announcing a ``length``-byte body, send none of it, return the status.
+
+    A server must refuse an over-size body from its Content-Length alone. (And
+    an HTTP client still sending when refused leaves its body generator
+    unclosed, which this suite's warnings filter turns into an error.)
+    """
+    port = int(url.rsplit(":", 1)[1])
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {length}\r\n\r\n"
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(head.encode())
+        with trio.fail_after(30):
+            answer = await stream.receive_some()
+    return int(answer.split(b" ", 2)[1])
+
+
 SMALL = {"name": "bge-small", "model_id": "BAAI/bge-small-en-v1.5"}
 
 
@@ -218,12 +240,7 @@ async def test_bad_requests_get_honest_statuses_and_change_nothing(tmp_path: Pat
             conflict = await http.post("/instances", json={**SMALL, "name": "b", "port": busy})
         assert (conflict.status_code, conflict.json()["code"]) == (409, "PORT_CONFLICT")
         assert str(busy) in conflict.json()["error"]
-        big = await http.post(
-            "/instances",
-            content=b'{"name": "big", "model_id": "' + b"x" * (2 << 20) + b'"}',
-            headers={"content-type": "application/json"},
-        )
-        assert big.status_code == 413
+        assert await status_of_announced_body(t.url, "/instances", 2 << 20) == 413
         unknown = await http.post("/instances/nope/start")
         assert (unknown.status_code, unknown.json()["code"]) == (404, "INSTANCE_NOT_FOUND")
         assert (await http.get("/no/such/route")).json()["code"] == "NOT_FOUND"
@@ -409,7 +426,7 @@ async def test_the_multiplexer_serves_as_a_child_of_the_service(tmp_path: Path) 
         await t.http.post("/instances", json=SMALL)
         await wait_state(t, "bge-small", "running")
         tree = (await t.http.get("/supervisor/tree")).json()
-        assert [c["id"] for c in tree["children"]][3:5] == ["api", "grpc"]
+        assert [c["id"] for c in tree["children"]][3:6] == ["backends", "api", "grpc"]
 
         async def info(channel: object) -> object:
             stub = multiplexer_grpc.TeiMultiplexerStub(channel)

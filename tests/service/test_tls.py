@@ -58,7 +58,7 @@ def test_usable_settings_give_a_context_offering_h2(ca: trustme.CA, tmp_path: Pa
         ("no ca for clients", "needs a ca"),
         ("key without cert", "go together"),
         ("garbage ca", "holds no PEM certificate"),
-        ("allow-list", "not enforced by this version"),
+        ("allow-list without client certificates", "need client certificates"),
     ],
 )
 def test_unusable_settings_are_refused_naming_the_file(
@@ -82,7 +82,7 @@ def test_unusable_settings_are_refused_naming_the_file(
         settings = TlsSettings(key=str(key))
     elif case == "garbage ca":
         bundle.write_text("not a certificate\n")
-    elif case == "allow-list":
+    elif case == "allow-list without client certificates":
         settings = TlsSettings(cert=str(cert), key=str(key), allowed_subjects=["client"])
     with pytest.raises(TlsError, match=message):
         validate(settings)

@@ -1,0 +1,380 @@
+"""The data plane over HTTP, for clients without gRPC.
+
+Routes on the REST port, all through the multiplexer's routing, backend pool,
+in-flight caps and deadlines (`teisup.grpc.MultiplexerService`):
+
+* ``POST /instances/<name>/embed``, ``/embed_sparse``, ``/rerank``,
+  ``/tokenize``: TEI's HTTP JSON request and response shapes (TEI 1.8's
+  ``/embed`` ... routes), forwarded to the instance's ``tei.v1`` service; a
+  batch of inputs goes over one stream and comes back in order;
+* ``POST /v1/embeddings``: OpenAI's embeddings API; ``model`` is an instance
+  name, or else a model id (spread over its ready replicas as gRPC
+  ``model_id`` routing is). Inputs are always normalised and truncated to the
+  model's length (OpenAI clients do not cut texts to a local model's limit).
+
+TEI's routes answer errors as ``{"error", "error_type", "code", "timestamp"}``
+(TEI's two fields and teisup's); ``/v1/embeddings`` answers OpenAI's
+``{"error": {"message", "type", "code"}}``. The status follows the backend's
+gRPC code: INVALID_ARGUMENT 422, NOT_FOUND 404, UNAVAILABLE 503,
+RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504, FAILED_PRECONDITION /
+UNIMPLEMENTED / INTERNAL 424, anything else 502.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from purerpc import RpcFailedError, StatusCode
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..grpc import MultiplexerService
+from ..grpc.observe import observed, status_name
+from ..grpc.pool import unary
+from ..proto.tei.v1 import tei_pb2
+from ..proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
+from ..rpc import Channel
+
+__all__ = ["MAX_BATCH", "add_data_plane"]
+
+MAX_BATCH = 4096
+"""The most inputs one HTTP request may carry."""
+
+_STATUS: dict[int, tuple[int, str]] = {
+    StatusCode.INVALID_ARGUMENT: (422, "Validation"),
+    StatusCode.NOT_FOUND: (404, "NotFound"),
+    StatusCode.UNAVAILABLE: (503, "Unhealthy"),
+    StatusCode.RESOURCE_EXHAUSTED: (429, "Overloaded"),
+    StatusCode.DEADLINE_EXCEEDED: (504, "Timeout"),
+    StatusCode.FAILED_PRECONDITION: (424, "Backend"),
+    StatusCode.UNIMPLEMENTED: (424, "Backend"),
+    StatusCode.INTERNAL: (424, "Backend"),
+}
+
+B = TypeVar("B")
+Direction = Literal["Right", "Left"]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class EmbedBody(msgspec.Struct):
+    """TEI's ``/embed`` body (``/embed_sparse`` ignores normalize and dimensions)."""
+
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    normalize: bool = True
+    dimensions: Positive | None = None
+
+
+class RerankBody(msgspec.Struct):
+    """TEI's ``/rerank`` body."""
+
+    query: str
+    texts: list[str]
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class TokenizeBody(msgspec.Struct):
+    """TEI's ``/tokenize`` body."""
+
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class OpenAIEmbeddingsBody(msgspec.Struct):
+    """OpenAI's ``/v1/embeddings`` body."""
+
+    input: str | list[str]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Positive | None = None
+    user: str | None = None
+
+
+class DataPlaneError(Exception):
+    """A refused request: HTTP status, TEI error type, gRPC-style code, message."""
+
+    def __init__(self, status: int, error_type: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_status(cls, exc: RpcFailedError) -> DataPlaneError:
+        code = exc.status.status_code
+        http, error_type = _STATUS.get(code, (502, "Backend"))
+        return cls(http, error_type, status_name(code), exc.status.status_message)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, content_type="application/json")
+
+
+def _direction(name: str) -> Any:
+    return (
+        tei_pb2.TRUNCATION_DIRECTION_LEFT if name == "Left" else tei_pb2.TRUNCATION_DIRECTION_RIGHT
+    )
+
+
+def _inputs(value: str | list[str]) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`inputs` cannot be empty")
+    if len(texts) > MAX_BATCH:
+        raise DataPlaneError(
+            422,
+            "Validation",
+            "INVALID_ARGUMENT",
+            f"batch size {len(texts)} > maximum allowed batch size {MAX_BATCH}",
+        )
+    return texts
+
+
+async def _decode(kind: type[B]) -> B:
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise DataPlaneError(
+            400, "Validation", "INVALID_ARGUMENT", f"malformed JSON: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise DataPlaneError(
+            422, "Validation", "INVALID_ARGUMENT", "the body must be a JSON object"
+        )
+    for key in ("inputs", "input"):
+        value = data.get(key)
+        if isinstance(value, list) and any(not isinstance(v, str) for v in value):
+            raise DataPlaneError(
+                422,
+                "Validation",
+                "INVALID_ARGUMENT",
+                f"`{key}` must be a string or a list of strings: pre-tokenized inputs "
+                "(token ids) are not supported through teisup",
+            )
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise DataPlaneError(422, "Validation", "INVALID_ARGUMENT", str(exc)) from None
+
+
+def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -> None:
+    """Register the data-plane routes on ``app``, served by ``data``.
+
+    Request bodies up to ``max_body`` bytes are accepted (the control plane's
+    own routes keep their smaller limit).
+    """
+    app.config["MAX_CONTENT_LENGTH"] = max(app.config.get("MAX_CONTENT_LENGTH") or 0, max_body)
+
+    async def many(
+        routed: tuple[Any, Any], service: str, unary_method: str, stream_method: str,
+        requests: list[Any], response_type: Any,
+    ) -> list[Any]:  # fmt: skip
+        target, record = routed
+        if len(requests) > 1:
+            return await data.stream_all(record, service, stream_method, requests, response_type)
+
+        async def call(channel: Channel) -> Any:
+            return await unary(channel, service, unary_method, requests[0], response_type)
+
+        timeout = data.unary_timeout()
+        return [await data.call_target(target, call, timeout=timeout, routed=record)]
+
+    def tei_route(
+        method: str, serve: Callable[[str], Awaitable[Any]]
+    ) -> Callable[[str], Awaitable[Response]]:
+        async def handler(name: str) -> Response:
+            with observed(data.observer, "http", method) as record:
+                try:
+                    return _json(await serve(name))
+                except RpcFailedError as exc:
+                    error = DataPlaneError.from_status(exc)
+                except DataPlaneError as exc:
+                    error = exc
+                record.code = error.code
+            return _json(
+                {
+                    "error": error.message,
+                    "error_type": error.error_type,
+                    "code": error.code,
+                    "timestamp": _now(),
+                },
+                error.status,
+            )
+
+        handler.__name__ = f"data_{method}"
+        app.post(f"/instances/<name>/{method}")(handler)
+        return handler
+
+    def instance(name: str) -> tuple[Any, Any]:
+        target = mux_pb2.Target(instance_name=name)
+        return target, data.route(target)
+
+    async def embed(name: str) -> Any:
+        body = await _decode(EmbedBody)
+        texts = _inputs(body.inputs)
+        record = instance(name)
+        requests = [
+            tei_pb2.EmbedRequest(
+                inputs=text,
+                truncate=bool(body.truncate),
+                normalize=body.normalize,
+                truncation_direction=_direction(body.truncation_direction),
+                prompt_name=body.prompt_name,
+                dimensions=body.dimensions,
+            )
+            for text in texts
+        ]
+        answers = await many(
+            record, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
+        )
+        return [list(a.embeddings) for a in answers]
+
+    async def embed_sparse(name: str) -> Any:
+        body = await _decode(EmbedBody)
+        texts = _inputs(body.inputs)
+        record = instance(name)
+        requests = [
+            tei_pb2.EmbedSparseRequest(
+                inputs=text,
+                truncate=bool(body.truncate),
+                truncation_direction=_direction(body.truncation_direction),
+                prompt_name=body.prompt_name,
+            )
+            for text in texts
+        ]
+        answers = await many(
+            record,
+            "tei.v1.Embed",
+            "EmbedSparse",
+            "EmbedSparseStream",
+            requests,
+            tei_pb2.EmbedSparseResponse,
+        )
+        return [
+            [{"index": v.index, "value": v.value} for v in a.sparse_embeddings] for a in answers
+        ]
+
+    async def rerank(name: str) -> Any:
+        body = await _decode(RerankBody)
+        if not body.texts:
+            raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`texts` cannot be empty")
+        _inputs(body.texts)
+        record = instance(name)
+        message = tei_pb2.RerankRequest(
+            query=body.query,
+            texts=body.texts,
+            truncate=bool(body.truncate),
+            raw_scores=body.raw_scores,
+            return_text=body.return_text,
+            truncation_direction=_direction(body.truncation_direction),
+        )
+        (answer,) = await many(
+            record, "tei.v1.Rerank", "Rerank", "", [message], tei_pb2.RerankResponse
+        )
+        return [
+            {"index": r.index, "text": r.text, "score": r.score}
+            if r.HasField("text")
+            else {"index": r.index, "score": r.score}
+            for r in answer.ranks
+        ]
+
+    async def tokenize(name: str) -> Any:
+        body = await _decode(TokenizeBody)
+        texts = _inputs(body.inputs)
+        record = instance(name)
+        requests = [
+            tei_pb2.EncodeRequest(
+                inputs=text,
+                add_special_tokens=body.add_special_tokens,
+                prompt_name=body.prompt_name,
+            )
+            for text in texts
+        ]
+        answers = await many(
+            record, "tei.v1.Tokenize", "Tokenize", "TokenizeStream", requests,
+            tei_pb2.EncodeResponse,
+        )  # fmt: skip
+        return [
+            [
+                {
+                    "id": t.id,
+                    "text": t.text,
+                    "special": t.special,
+                    "start": t.start if t.HasField("start") else None,
+                    "stop": t.stop if t.HasField("stop") else None,
+                }
+                for t in a.tokens
+            ]
+            for a in answers
+        ]
+
+    tei_route("embed", embed)
+    tei_route("embed_sparse", embed_sparse)
+    tei_route("rerank", rerank)
+    tei_route("tokenize", tokenize)
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings() -> Response:
+        with observed(data.observer, "http", "openai_embeddings") as record:
+            try:
+                return _json(await _openai(data, many))
+            except RpcFailedError as exc:
+                error = DataPlaneError.from_status(exc)
+            except DataPlaneError as exc:
+                error = exc
+            record.code = error.code
+        return _json(
+            {"error": {"message": error.message, "type": error.error_type, "code": error.code}},
+            error.status,
+        )
+
+
+async def _openai(data: MultiplexerService, many: Any) -> Any:
+    body = await _decode(OpenAIEmbeddingsBody)
+    texts = _inputs(body.input)
+    names = {r.name for r in data.instances.all()}
+    target = (
+        mux_pb2.Target(instance_name=body.model)
+        if body.model in names
+        else mux_pb2.Target(model_id=body.model)
+    )
+    record = (target, data.route(target))
+    requests = [
+        tei_pb2.EmbedRequest(inputs=text, truncate=True, normalize=True, dimensions=body.dimensions)
+        for text in texts
+    ]
+    answers = await many(
+        record, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
+    )
+    rows = []
+    tokens = 0
+    for index, answer in enumerate(answers):
+        vector: Any = list(answer.embeddings)
+        if body.encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        rows.append({"object": "embedding", "embedding": vector, "index": index})
+        tokens += answer.metadata.compute_tokens
+    return {
+        "object": "list",
+        "data": rows,
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
