@@ -145,6 +145,7 @@ async def run_bench(
             )
 
     async def worker(queue: trio.MemoryReceiveChannel[list[str]]) -> None:
+        current: list[str] = []  # the batch in flight, if the connection dies under it
         try:
             # Connecting fails fast when refused; a TLS rejection shows at the
             # first call, which runs under its deadline like every call.
@@ -153,6 +154,7 @@ async def run_bench(
             ) as channel:
                 stub = multiplexer_grpc.TeiMultiplexerStub(channel)
                 async for batch in queue:
+                    current = batch
                     began = time.perf_counter()
                     try:
                         await call_with_deadline(
@@ -165,9 +167,11 @@ async def run_bench(
                     else:
                         done["successful"] += len(batch)
                         latencies.append((time.perf_counter() - began) * 1000)
+                    current = []
         except RpcError as exc:
-            # The server cannot be reached at all: every call left fails.
-            failed = sum(len(b) for b in queue_rest(queue))
+            # The server cannot be reached (or the connection died, a TLS
+            # rejection among the causes): this call and every one left fail.
+            failed = len(current) + sum(len(b) for b in queue_rest(queue))
             done["failed"] += failed
             key = type(exc).__name__
             errors[key] = errors.get(key, 0) + 1

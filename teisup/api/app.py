@@ -32,6 +32,7 @@ from ..instances import (
     MaxInstancesReached,
     PortError,
 )
+from ..service.tls import AllowList, TlsReloader, peer_certificate
 from ..supervision import ChildState, Supervisor
 from .dataplane import add_data_plane
 from .openapi import LogsResponse, openapi_document
@@ -73,6 +74,12 @@ class ControlPlane(Protocol):
 
     @property
     def data_plane(self) -> MultiplexerService | None: ...
+
+    @property
+    def allow_list(self) -> AllowList: ...
+
+    @property
+    def tls(self) -> TlsReloader | None: ...
 
     @property
     def data_body_limit(self) -> int: ...
@@ -165,8 +172,15 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     public = {"/health", "/metrics"}
     expected = f"Bearer {plane.api_token}".encode() if plane.api_token else None
 
+    # The allow-list checks the client certificate the TLS handshake of this
+    # request's connection verified (recorded by teisup's TLS context).
+    allow_list = plane.allow_list if plane.tls is not None else AllowList()
+
     @app.before_request
     async def authenticate() -> Response | None:
+        refusal = allow_list.refusal(peer_certificate.get())
+        if refusal is not None:
+            return _error(403, "FORBIDDEN", refusal)
         if expected is None:
             return None
         if request.path in public and not plane.protect_health_and_metrics:

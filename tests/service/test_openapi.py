@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from teisup.api import create_app, openapi_document
+from teisup.service.tls import AllowList
 
 
 class _Plane:
@@ -19,6 +20,8 @@ class _Plane:
     protect_health_and_metrics = False
     data_plane: Any = object()  # only handed to the routes, never called here
     data_body_limit = 1 << 20
+    allow_list = AllowList()
+    tls = None
 
 
 def test_every_route_is_documented_and_every_documented_route_exists() -> None:

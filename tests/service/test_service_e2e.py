@@ -35,8 +35,19 @@ class Teisup:
         self.proc = proc
         self.url = url
         self.log = log
+        #: Set (and replaced) whenever a line is added to `log`.
+        self.logged = trio.Event()
         self.http = httpx.AsyncClient(base_url=url, timeout=30, **client)  # type: ignore[arg-type]
         self.grpc_port = 0
+
+    async def wait_log(self, text: str, timeout: float = 30) -> str:  # noqa: ASYNC109
+        """The first log line containing ``text``, once it has been written."""
+        with trio.fail_after(timeout):
+            while True:
+                found = next((line for line in self.log if text in line), None)
+                if found is not None:
+                    return found
+                await self.logged.wait()
 
     async def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -71,6 +82,7 @@ async def teisup(
     }
     log: list[str] = []
     listening = trio.Event()
+    watchers: list[Teisup] = []
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             partial(trio.run_process, argv, env=child_env, stderr=subprocess.PIPE, check=False)
@@ -86,6 +98,9 @@ async def teisup(
                     log.append(line.decode(errors="replace"))
                     if "REST API listening on" in log[-1]:
                         listening.set()
+                for watcher in watchers:
+                    watcher.logged.set()
+                    watcher.logged = trio.Event()
             listening.set()  # exited: let the waiter see it
 
         nursery.start_soon(pump)
@@ -94,6 +109,7 @@ async def teisup(
         assert proc.returncode is None, "\n".join(log)
         running = Teisup(proc, f"{scheme}://127.0.0.1:{port}", log, **(client or {}))
         running.grpc_port = grpc_port
+        watchers.append(running)
         try:
             yield running
         finally:
