@@ -342,3 +342,38 @@ async def test_grpcio_reflection_client_resolves_the_service() -> None:
     services, methods = json.loads(result.stdout)
     assert SERVICE_NAME in services
     assert "EmbedArrow" in methods
+
+
+def _grpcio_over_size(port: int, stubs: SimpleNamespace) -> tuple[Any, Any]:
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = stubs.pb2_grpc.TeiMultiplexerStub(channel)
+
+        def embed(text: str) -> Any:
+            request = stubs.pb2.EmbedRequest(
+                target=stubs.pb2.Target(instance_name="x"),
+                request=stubs.tei_pb2.EmbedRequest(inputs=text),
+            )
+            try:
+                return stub.Embed(request, timeout=30)
+            except grpc.RpcError as error:
+                return error
+
+        return embed("w " * (1 << 20)), embed("small")
+
+
+async def test_an_over_size_message_is_refused_and_the_connection_keeps_serving(
+    mux_stubs: SimpleNamespace,
+) -> None:
+    async with running_mux(Instances(), max_message_length=1 << 20) as m:
+        huge, small = await trio.to_thread.run_sync(_grpcio_over_size, m.port, mux_stubs)
+    assert huge.code().name == "RESOURCE_EXHAUSTED"
+    assert huge.details() == "Received message larger than max: 2097167 > 1048576"
+    # The same channel, the next call: routed (and refused) as usual.
+    assert (small.code().name, small.details()) == ("NOT_FOUND", "Instance 'x' not found")
+
+
+def test_the_message_limit_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_message_length"):
+        Multiplexer(Instances(), max_message_length=1 << 30)

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trustme
 
-from teisup.service.tls import TlsError, TlsSettings, server_context, validate
+from teisup.service.tls import AllowList, TlsError, TlsSettings, server_context, validate
 
 from .test_service_e2e import teisup
 
@@ -145,3 +145,38 @@ async def test_rest_mtls_lets_in_only_clients_the_ca_vouches_for(
         assert out.returncode == 0
         assert b'"status":"healthy"' in out.stdout
         assert await t.stop() == 0
+
+
+def _cert(cn: str | None, *sans: tuple[str, str]) -> dict[str, object]:
+    subject = ((("commonName", cn),),) if cn is not None else ()
+    return {"subject": subject, "subjectAltName": sans}
+
+
+@pytest.mark.parametrize(
+    ("certificate", "let_in"),
+    [
+        (_cert("good-client"), True),
+        (_cert("other", ("DNS", "SVC.example.com")), True),  # DNS names ignore case
+        (_cert("other", ("IP Address", "10.0.0.7")), True),
+        (_cert("other", ("IP Address", "10.0.0.8")), False),
+        (_cert("other", ("DNS", "svc.example.com.evil.org")), False),
+        (_cert("Good-Client"), False),  # common names are compared exactly
+        (_cert(None), False),
+        (None, False),  # no certificate at all
+    ],
+)
+def test_allow_list_by_subject_cn_or_san(
+    certificate: dict[str, object] | None, let_in: bool
+) -> None:
+    allow = AllowList.of(
+        TlsSettings(allowed_subjects=["good-client"], allowed_sans=["svc.example.com", "10.0.0.7"])
+    )
+    refusal = allow.refusal(certificate)
+    assert (refusal is None) is let_in
+    if certificate is None:
+        assert refusal == "a client certificate is required"
+
+
+def test_an_empty_allow_list_lets_in_whoever_the_ca_vouches_for() -> None:
+    assert AllowList().refusal(None) is None
+    assert AllowList().refusal(_cert("anyone")) is None
