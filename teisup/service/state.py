@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -49,6 +49,14 @@ class Snapshot(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     version: int = 1
 
 
+class _RawSnapshot(msgspec.Struct, forbid_unknown_fields=True):
+    """The state file with instances still undecoded, so one bad entry spoils only itself."""
+
+    last_updated: str = ""
+    instances: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    version: int = 1
+
+
 class LoadResult(msgspec.Struct, frozen=True):
     """What `StateStore.load` found: the snapshot and where it came from."""
 
@@ -56,6 +64,9 @@ class LoadResult(msgspec.Struct, frozen=True):
     #: "file", "backup", "missing" (no state yet) or "unreadable" (started empty).
     source: str
     problem: str | None = None
+    #: Saved instances that no longer pass validation (say, after an upgrade
+    #: tightened it): why each was left out. The file as it was is kept aside.
+    rejected: list[str] = msgspec.field(default_factory=list)
 
 
 def _now() -> str:
@@ -76,9 +87,29 @@ class StateStore:
         return msgspec.toml.encode(snapshot)
 
     def decode(self, data: bytes) -> Snapshot:
+        """The snapshot in ``data``; raises if it or any instance in it is invalid."""
+        snapshot, rejected = self.decode_lenient(data)
+        if rejected:
+            raise ValueError("; ".join(rejected))
+        return snapshot
+
+    def decode_lenient(self, data: bytes) -> tuple[Snapshot, list[str]]:
+        """The snapshot in ``data`` without the instances that fail validation, and why.
+
+        Raises if the file itself cannot be parsed.
+        """
         if self.json:
-            return msgspec.json.decode(data, type=Snapshot)
-        return msgspec.toml.decode(data, type=Snapshot)
+            raw = msgspec.json.decode(data, type=_RawSnapshot)
+        else:
+            raw = msgspec.toml.decode(data, type=_RawSnapshot)
+        instances, rejected = [], []
+        for index, item in enumerate(raw.instances):
+            try:
+                instances.append(msgspec.convert(item, SavedInstance))
+            except msgspec.ValidationError as exc:
+                name = item.get("name", "?")
+                rejected.append(f"instances[{index}] ({name!r}): {exc}")
+        return Snapshot(raw.last_updated, instances, raw.version), rejected
 
     def load(self) -> LoadResult:
         """The last good snapshot: the file, else its backup, else empty.
@@ -98,14 +129,27 @@ class StateStore:
                 logger.error("state: %s", problem)
                 continue
             try:
-                snapshot = self.decode(data)
+                snapshot, rejected = self.decode_lenient(data)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
                 problem = f"{candidate} is corrupt: {exc}"
                 logger.error("state: %s", problem)
                 continue
             if source == "backup":
                 logger.error("state: using the backup %s instead of %s", self.backup, self.path)
-            return LoadResult(snapshot, source, problem)
+            if rejected:
+                # The next write drops them from the file: keep it as it was.
+                aside = self.path.with_name(f"{self.path.name}.rejected-{int(time.time())}")
+                try:
+                    aside.write_bytes(data)
+                except OSError as exc:
+                    logger.error("state: cannot keep a copy of %s: %s", candidate, exc)
+                for reason in rejected:
+                    logger.error("state: left out invalid saved instance %s", reason)
+                problem = (
+                    f"{len(rejected)} saved instance(s) no longer valid, left out "
+                    f"(the file as it was: {aside}): " + "; ".join(rejected)
+                )
+            return LoadResult(snapshot, source, problem, rejected)
         if problem is None:
             return LoadResult(Snapshot(), "missing")
         if self.path.exists():

@@ -84,6 +84,24 @@ def test_with_nothing_readable_it_starts_empty_and_keeps_the_bad_file(tmp_path: 
     assert StateStore(tmp_path / "none.toml").load().source == "missing"
 
 
+def test_an_instance_that_no_longer_validates_spoils_only_itself(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.toml")
+    original = TEI_MANAGER_STATE + (
+        '\n[[instances]]\nname = "smuggler"\nmodel_id = "--model-id=x; rm -rf /"\nport = 8081\n'
+    )
+    store.path.write_text(original)
+    result = store.load()
+    assert result.source == "file"
+    assert [i.name for i in result.snapshot.instances] == ["bge-small"]
+    [reason] = result.rejected
+    assert reason.startswith("instances[1] ('smuggler'): ")
+    assert "model_id" in reason
+    assert result.problem is not None
+    # Nothing is lost: the file as it was is kept aside for the operator.
+    [aside] = tmp_path.glob("state.toml.rejected-*")
+    assert aside.read_text() == original
+
+
 def test_a_failed_write_leaves_the_previous_snapshot_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
