@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -398,6 +399,12 @@ async def test_the_api_token_guards_every_route_that_changes_or_reveals_instance
             ("GET", "/supervisor/tree"),
             ("GET", "/gpus"),
             ("GET", "/openapi.json"),
+            # The data plane.
+            ("POST", "/instances/bge-small/embed"),
+            ("POST", "/instances/bge-small/embed_sparse"),
+            ("POST", "/instances/bge-small/rerank"),
+            ("POST", "/instances/bge-small/tokenize"),
+            ("POST", "/v1/embeddings"),
         ]
         for method, path in routes:
             for headers in ({}, wrong, {"Authorization": TOKEN}):
@@ -406,6 +413,34 @@ async def test_the_api_token_guards_every_route_that_changes_or_reveals_instance
                 assert response.json()["code"] == "UNAUTHENTICATED"
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert (await http.get("/instances", headers=right)).status_code == 200
+        # The gRPC multiplexer wants it too, as metadata; health stays open.
+        from teisup.proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
+        from teisup.rpc import RpcStatusError, ServingStatus, call_once, check_health
+
+        http.headers["Authorization"] = right["Authorization"]
+        await wait_state(t, "bge-small", "running")
+        del http.headers["Authorization"]
+        request = multiplexer_pb2.InfoRequest(
+            target=multiplexer_pb2.Target(instance_name="bge-small")
+        )
+        for metadata in (None, (("authorization", wrong["Authorization"]),)):
+
+            async def refused(channel: Any, metadata: Any = metadata) -> Any:
+                stub = multiplexer_grpc.TeiMultiplexerStub(channel)
+                return await stub.Info(request, metadata=metadata)
+
+            with pytest.raises(RpcStatusError) as caught:
+                await call_once("127.0.0.1", t.grpc_port, refused, timeout=10)
+            assert caught.value.code_name == "UNAUTHENTICATED"
+
+        async def allowed(channel: Any) -> Any:
+            stub = multiplexer_grpc.TeiMultiplexerStub(channel)
+            return await stub.Info(request, metadata=(("authorization", right["Authorization"]),))
+
+        info = await call_once("127.0.0.1", t.grpc_port, allowed, timeout=10)
+        assert info.model_id == SMALL["model_id"]
+        health = await check_health("127.0.0.1", t.grpc_port, service="bge-small", timeout=10)
+        assert health is ServingStatus.SERVING
         # Probes and scrapers need no token; nothing logged the token.
         assert (await http.get("/health")).status_code == 200
         assert (await http.get("/metrics")).status_code == 200
