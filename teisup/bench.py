@@ -14,7 +14,8 @@ once. Every call runs under a deadline, so a rejected TLS handshake or a dead
 server ends the run with failures instead of hanging. The output has the
 peer's fields (mode, instance_name, num_texts, batch_size, num_requests,
 total_duration_secs, throughput_per_sec, successful, failed) plus latency
-percentiles in milliseconds. Its source doubles as an example client.
+percentiles in milliseconds; when stderr is a terminal, a progress bar is
+drawn there. Its source doubles as an example client.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ async def run_bench(
     timeout: float = 60.0,  # noqa: ASYNC109 - per call, the bench's own bound
     token: str | None = None,
     max_message_length: int = 32 << 20,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark and return the report (see the module docstring).
 
-    ``token`` is sent as ``authorization: Bearer <token>`` metadata.
+    ``token`` is sent as ``authorization: Bearer <token>`` metadata;
+    ``progress(done, total)`` is called (texts) as calls finish.
     """
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     texts = make_texts(num_texts)
@@ -168,6 +171,8 @@ async def run_bench(
                         done["successful"] += len(batch)
                         latencies.append((time.perf_counter() - began) * 1000)
                     current = []
+                    if progress is not None:
+                        progress(done["successful"] + done["failed"], num_texts)
         except RpcError as exc:
             # The server cannot be reached (or the connection died, a TLS
             # rejection among the causes): this call and every one left fail.
@@ -175,6 +180,8 @@ async def run_bench(
             done["failed"] += failed
             key = type(exc).__name__
             errors[key] = errors.get(key, 0) + 1
+            if progress is not None:
+                progress(done["successful"] + done["failed"], num_texts)
 
     def queue_rest(queue: trio.MemoryReceiveChannel[list[str]]) -> list[list[str]]:
         rest = []
@@ -250,6 +257,27 @@ def _tls(args: argparse.Namespace, scheme: str) -> ssl.SSLContext | None:
     return context
 
 
+class ProgressBar:
+    """A one-line progress bar on a terminal, redrawn at most ten times a second."""
+
+    def __init__(self, stream: Any, width: int = 40) -> None:
+        self.stream = stream
+        self.width = width
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {done}/{total} texts")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = urllib.parse.urlsplit(args.endpoint if "://" in args.endpoint else f"//{args.endpoint}")
@@ -274,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout,
         token=args.token,
         max_message_length=args.max_message_size_mb << 20,
+        # Only for a person watching: never in a pipe or a log.
+        progress=ProgressBar(sys.stderr) if sys.stderr.isatty() else None,
     )
     report = trio.run(run)
     print(json.dumps(report, indent=2))
