@@ -208,6 +208,8 @@ def load_config(
             data = tomllib.loads(source)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+    if "auth" in data:
+        data = _translate_auth(data, path)
     env = os.environ if environ is None else environ
     from_env: dict[str, Any] = {}
     for variable, key in ENVIRONMENT.items():
@@ -253,6 +255,90 @@ TLS_ENVIRONMENT = {
     "TEISUP_TLS_CA": "ca",
     "TEISUP_TLS_CLIENT_AUTH": "client_auth",
 }
+
+
+_AUTH_KEYS = {"enabled", "providers", "require_cert_headers", "mtls"}
+_MTLS_KEYS = {
+    "ca_cert",
+    "server_cert",
+    "server_key",
+    "allow_self_signed",
+    "verify_subject",
+    "allowed_subjects",
+    "verify_san",
+    "allowed_sans",
+}
+
+
+def _translate_auth(data: dict[str, Any], path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """tei-manager's ``[auth]`` / ``[auth.mtls]`` as teisup's ``[tls]``, or a clear error.
+
+    Enabled, it becomes client certificates *required* on both servers (where
+    tei-manager left gRPC without allow-lists), checked by the TLS handshake
+    itself. ``allowed_subjects`` entries are common names; tei-manager's
+    substring form ``"CN=name"`` is read as ``name``. What teisup will not do
+    is refused rather than dropped: trusting a proxy's ``X-SSL-Client-Cert``
+    header, and skipping the issuer check for self-signed client certificates
+    (add such a certificate to the CA bundle instead).
+    """
+    where = f"config file {path}" if path is not None else "configuration"
+    data = dict(data)
+    auth = data.pop("auth")
+    if not isinstance(auth, dict):
+        raise ConfigError(f"{where}: [auth] must be a table")
+    unknown = sorted(set(auth) - _AUTH_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: [auth]: unknown key {unknown[0]!r}")
+    if not auth.get("enabled", False):
+        return data  # tei-manager ignores a disabled section too
+    if "tls" in data:
+        raise ConfigError(f"{where}: set [tls] or tei-manager's [auth.mtls], not both")
+    if "mtls" not in auth.get("providers", []):
+        raise ConfigError(f'{where}: [auth] enabled = true needs providers = ["mtls"]')
+    if auth.get("require_cert_headers", False):
+        raise ConfigError(
+            f"{where}: [auth] require_cert_headers: teisup checks client certificates in its own "
+            "TLS handshake and never trusts a proxy's X-SSL-Client-Cert header; remove the key "
+            "and let clients connect with their certificates"
+        )
+    mtls = auth.get("mtls")
+    if not isinstance(mtls, dict):
+        raise ConfigError(f"{where}: [auth] with the mtls provider needs an [auth.mtls] table")
+    unknown = sorted(set(mtls) - _MTLS_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: [auth.mtls]: unknown key {unknown[0]!r}")
+    missing = [k for k in ("ca_cert", "server_cert", "server_key") if not mtls.get(k)]
+    if missing:
+        raise ConfigError(f"{where}: [auth.mtls] needs {missing[0]}")
+    if mtls.get("allow_self_signed", False):
+        raise ConfigError(
+            f"{where}: [auth.mtls] allow_self_signed: teisup verifies every client certificate "
+            "against the CA bundle; add a self-signed client certificate to ca_cert instead"
+        )
+    subjects = [
+        _common_name(str(s))
+        for s in mtls.get("allowed_subjects", [])
+        if mtls.get("verify_subject", True)
+    ]
+    sans = [
+        str(s).removeprefix("DNS:")
+        for s in mtls.get("allowed_sans", [])
+        if mtls.get("verify_san", False)
+    ]
+    data["tls"] = {
+        "cert": mtls["server_cert"],
+        "key": mtls["server_key"],
+        "ca": mtls["ca_cert"],
+        "client_auth": "required",
+        "allowed_subjects": subjects,
+        "allowed_sans": sans,
+    }
+    return data
+
+
+def _common_name(entry: str) -> str:
+    match = re.search(r"(?:^|[,/]\s*)CN=([^,/]+)", entry)
+    return match.group(1).strip() if match else entry.strip()
 
 
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")

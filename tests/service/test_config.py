@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,61 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         ManagerConfig(api_token_file=str(tmp_path / "token")).resolve_api_token()
+
+
+TEI_MANAGER_MTLS = """\
+grpc_max_message_size_mb = 64
+grpc_max_parallel_streams = 1024
+grpc_request_timeout_secs = 10
+
+[auth]
+enabled = true
+providers = ["mtls"]
+
+[auth.mtls]
+ca_cert = "/certs/ca.pem"
+server_cert = "/certs/server.pem"
+server_key = "/certs/server-key.pem"
+verify_subject = true
+allowed_subjects = ["C=US, O=Example, CN=tei-client", "batch-job"]
+verify_san = true
+allowed_sans = ["DNS:client.example.com"]
+"""
+
+
+def test_tei_managers_grpc_keys_and_auth_section_load_as_tls(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, TEI_MANAGER_MTLS), environ={})
+    assert config.grpc_max_message_size_mb == 64
+    assert config.grpc_request_timeout_secs == 10
+    tls = config.tls
+    assert (tls.cert, tls.key, tls.ca) == (
+        "/certs/server.pem",
+        "/certs/server-key.pem",
+        "/certs/ca.pem",
+    )
+    assert tls.client_auth == "required"
+    assert tls.allowed_subjects == ["tei-client", "batch-job"]
+    assert tls.allowed_sans == ["client.example.com"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("require_cert_headers = false", "require_cert_headers = true"), "X-SSL-Client-Cert"),
+        (("verify_san = true", "allow_self_signed = true"), "allow_self_signed"),
+        (('providers = ["mtls"]', "providers = []"), 'providers = ["mtls"]'),
+        (('server_key = "/certs/server-key.pem"', ""), "needs server_key"),
+        (("verify_san = true", "verify_sans = true"), "unknown key 'verify_sans'"),
+    ],
+)
+def test_auth_settings_teisup_will_not_honour_are_refused(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    text = TEI_MANAGER_MTLS.replace("providers", "require_cert_headers = false\nproviders", 1)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, text.replace(*change)), environ={})
+
+
+def test_a_disabled_auth_section_is_ignored_as_tei_manager_does(tmp_path: Path) -> None:
+    text = TEI_MANAGER_MTLS.replace("enabled = true", "enabled = false")
+    assert not load_config(write(tmp_path, text), environ={}).tls.enabled
