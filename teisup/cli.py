@@ -78,13 +78,19 @@ def _setup_logging(level: str, fmt: str) -> None:
 async def serve(config: ManagerConfig) -> None:
     """Run the service until SIGTERM or SIGINT, then stop it gracefully."""
     service = Service(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # SIGHUP too: its default action would kill teisup outright. The service's
+    # `reload` child takes it over while it runs (loading TLS files again);
+    # before and after that it is only noted here.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             logger.info("teisup %s running; stop with SIGTERM or Ctrl-C", __version__)
 
             async def wait_for_signal() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        logger.info("SIGHUP while starting or stopping: nothing reloaded")
+                        continue
                     logger.info("received %s; stopping", signal.Signals(signum).name)
                     await service.stop()
                     return

@@ -9,8 +9,6 @@ counted; the call still reports what happened).
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -32,6 +30,7 @@ from ..instances import (
     MaxInstancesReached,
     PortError,
 )
+from ..service.auth import bearer_matches
 from ..service.tls import AllowList, TlsReloader, peer_certificate
 from ..supervision import ChildState, Supervisor
 from .dataplane import add_data_plane
@@ -170,7 +169,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         return _error(status, code, exc.description or exc.name)
 
     public = {"/health", "/metrics"}
-    expected = f"Bearer {plane.api_token}".encode() if plane.api_token else None
+    token = plane.api_token
 
     # The allow-list checks the client certificate the TLS handshake of this
     # request's connection verified (recorded by teisup's TLS context).
@@ -181,13 +180,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         refusal = allow_list.refusal(peer_certificate.get())
         if refusal is not None:
             return _error(403, "FORBIDDEN", refusal)
-        if expected is None:
+        if token is None:
             return None
         if request.path in public and not plane.protect_health_and_metrics:
             return None
-        given = request.headers.get("Authorization", "").encode()
-        # Constant time, whatever the length or content of what was sent.
-        if hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest()):
+        if bearer_matches(request.headers.get("Authorization"), token):
             return None
         response = _error(401, "UNAUTHENTICATED", "missing or wrong API token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="teisup"'

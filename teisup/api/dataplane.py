@@ -30,8 +30,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from purerpc import RpcFailedError, StatusCode
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..grpc import MultiplexerService
 from ..grpc.observe import observed, status_name
@@ -147,7 +148,13 @@ def _inputs(value: str | list[str]) -> list[str]:
 
 
 async def _decode(kind: type[B]) -> B:
-    body = await request.get_data(cache=False)
+    try:
+        body = await request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raise DataPlaneError(
+            413, "Validation", "RESOURCE_EXHAUSTED", f"request body over {limit} bytes"
+        ) from None
     assert isinstance(body, bytes)
     try:
         data = msgspec.json.decode(body)

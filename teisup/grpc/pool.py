@@ -196,11 +196,19 @@ class BackendPool:
         token = object()
         entry.waiting += 1
         try:
-            with trio.move_on_after(self.queue_timeout) as waited:
-                await entry.limiter.acquire_on_behalf_of(token)
+            try:
+                # A free slot is taken at once, whatever the queue timeout
+                # (even 0, under which a waiting acquire would give up at once).
+                entry.limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                with trio.move_on_after(self.queue_timeout) as waited:
+                    await entry.limiter.acquire_on_behalf_of(token)
+                gave_up = waited.cancelled_caught
+            else:
+                gave_up = False
         finally:
             entry.waiting -= 1
-        if waited.cancelled_caught:
+        if gave_up:
             raise status_error(
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"Instance '{instance.name}' has {limit} requests in flight "

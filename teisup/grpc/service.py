@@ -20,9 +20,9 @@ does:
 
 Deadlines: a client's ``grpc-timeout`` bounds the whole call (the server
 cancels the handler at it: DEADLINE_EXCEEDED) and is passed on to the backend.
-Without one, a unary or Arrow call gets ``default_timeout`` (0: none) and a
-stream gets ``stream_idle_timeout``: it ends with DEADLINE_EXCEEDED once no
-message has moved either way for that long.
+Without one, a unary or Arrow call gets ``default_timeout`` (0: none). Every
+stream, with a client deadline or not, also gets ``stream_idle_timeout``: it
+ends with DEADLINE_EXCEEDED once no message has moved either way for that long.
 
 Errors from the backend keep their code and message.
 """

@@ -10,6 +10,7 @@
     ├── api            the REST control plane and the HTTP data plane on hypercorn
     ├── grpc           the gRPC multiplexer (when grpc_enabled)
     ├── poller         GPU readings for /gpus and /metrics
+    ├── reload         SIGHUP: loads the TLS files again
     ├── reaper         reaps orphans the manager adopts (subreaper, or PID 1)
     └── restore        temporary: starts restored instances in the background
 
@@ -20,8 +21,6 @@ last, writes the final snapshot.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import signal
@@ -63,6 +62,7 @@ from ..supervision import (
     RestartType,
     Supervisor,
 )
+from .auth import bearer_matches
 from .config import ManagerConfig
 from .metrics import Metrics
 from .state import SavedInstance, Snapshot, StateStore, StateWriter
@@ -168,13 +168,8 @@ class Service:
         if refusal is not None:
             return Status(StatusCode.PERMISSION_DENIED, refusal)
         if self.api_token is not None and event.service_name == SERVICE_NAME:
-            given = dict(event.custom_metadata).get("authorization", "")
-            if isinstance(given, bytes):
-                given = given.decode(errors="replace")
-            expected = f"Bearer {self.api_token}".encode()
-            if not hmac.compare_digest(
-                hashlib.sha256(str(given).encode()).digest(), hashlib.sha256(expected).digest()
-            ):
+            metadata = {str(k).lower(): v for k, v in event.custom_metadata}
+            if not bearer_matches(metadata.get("authorization"), self.api_token):
                 return Status(StatusCode.UNAUTHENTICATED, "missing or wrong API token")
         return None
 
@@ -275,11 +270,7 @@ class Service:
                     ChildSpec("api", self._serve_api, shutdown=30.0),
                     *grpc,
                     ChildSpec("poller", self._poll_gpus, shutdown=BRUTAL_KILL),
-                    *(
-                        [ChildSpec("tls-reload", self._reload_tls, shutdown=BRUTAL_KILL)]
-                        if self.tls is not None
-                        else []
-                    ),
+                    ChildSpec("reload", self._reload_on_sighup, shutdown=BRUTAL_KILL),
                     ChildSpec("reaper", self._reap, shutdown=BRUTAL_KILL),
                     ChildSpec(
                         "restore",
@@ -397,11 +388,14 @@ class Service:
             await ctx.wait_stop_requested()
             nursery.cancel_scope.cancel()
 
-    async def _reload_tls(self, ctx: ChildContext) -> None:
-        assert self.tls is not None
+    async def _reload_on_sighup(self, ctx: ChildContext) -> None:
+        # Always listening: SIGHUP's default action would end teisup abruptly.
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             ctx.started()
             async for _ in signals:
+                if self.tls is None:
+                    logger.info("SIGHUP: nothing to reload (no TLS configured)")
+                    continue
                 try:
                     self.tls.reload()
                 except (TlsError, ssl.SSLError) as exc:

@@ -162,6 +162,9 @@ async def test_tei_http_routes_and_openai_embeddings(tmp_path: Path) -> None:
             == 1
         )
         assert metric(scrape, "teisup_requests_total", method="openai_embeddings", code="OK") == 2
+        assert (
+            metric(scrape, "teisup_requests_total", method="embed", code="RESOURCE_EXHAUSTED") == 1
+        )
         assert metric(scrape, "teisup_request_duration_seconds_count", method="embed") >= 2
         assert metric(scrape, "teisup_requests_in_flight", instance="minilm") == 0
         assert await t.stop() == 0

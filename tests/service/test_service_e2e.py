@@ -448,6 +448,15 @@ async def test_the_api_token_guards_every_route_that_changes_or_reveals_instance
     assert not any(TOKEN in line for line in t.log)
 
 
+async def test_sighup_without_tls_is_harmless(tmp_path: Path) -> None:
+    """SIGHUP's default action would end teisup abruptly: it is taken and noted."""
+    async with teisup(tmp_path) as t:
+        t.proc.send_signal(signal.SIGHUP)
+        await t.wait_log("nothing to reload")
+        assert (await t.http.get("/health")).status_code == 200
+        assert await t.stop() == 0
+
+
 async def test_an_open_api_on_a_network_address_is_loudly_warned_about(tmp_path: Path) -> None:
     async with teisup(tmp_path, env={"TEISUP_BIND_HOST": "0.0.0.0"}) as t:
         assert await t.stop() == 0
