@@ -140,7 +140,11 @@ class EmbeddedServer(Server):
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         try:
-            await self._handle(stream)
+            # A client that cancels the call (RST_STREAM: the multiplexer does,
+            # for a call past its deadline) stops the work done for it.
+            with trio.CancelScope() as scope:
+                stream.on_reset = scope.cancel
+                await self._handle(stream)
         except Exception as exc:
             log.debug("gRPC call ended abnormally: %r", exc)
         finally:

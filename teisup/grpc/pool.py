@@ -166,6 +166,11 @@ class BackendPool:
         while self.active_calls(name) < at_least:
             await self._calls_changed.wait()
 
+    async def wait_idle(self, name: str) -> None:
+        """Return once no call runs on ``name``'s connection."""
+        while self.active_calls(name) > 0:
+            await self._calls_changed.wait()
+
     def _changed(self) -> None:
         self._calls_changed.set()
         self._calls_changed = trio.Event()

@@ -8,7 +8,8 @@ gives every stream a trio memory channel instead, which has the same
 ``send``/``receive`` calls and nothing to close.
 
 It also makes a client connection fail when the server closes it (see
-`TidySocket`), and turns a message over the size limit into a
+`TidySocket`), acts on a peer's RST_STREAM, which purerpc ignores (see
+`_Inbox`), and turns a message over the size limit into a
 RESOURCE_EXHAUSTED status for that one call, where purerpc raises from its
 connection reader and so drops the connection and every call on it
 (`TidyConnection`). Everything here leans on purerpc internals; purerpc is
@@ -19,13 +20,14 @@ revisiting on a bump.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 from purerpc import RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
-from purerpc.grpc_socket import SocketWrapper
+from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, ResponseEnded
@@ -57,6 +59,35 @@ class MessageTooLarge:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """A purerpc-style event: the peer reset ``stream_id`` (RST_STREAM)."""
+
+    stream_id: int
+    error_code: int
+
+
+class _Inbox:
+    """A stream's incoming-event queue that also acts on a reset as it arrives.
+
+    purerpc drops RST_STREAM, so a call the client cancels kept running (and
+    holding its backend slot) until its deadline, and a stream the server
+    reset left its client waiting forever.
+    """
+
+    def __init__(self, stream: TidyStream, send: trio.MemorySendChannel[Any]) -> None:
+        self._stream = stream
+        self._send = send
+
+    async def send(self, event: Any) -> None:
+        if isinstance(event, StreamReset):
+            self._stream.was_reset(event)
+        self._send.send_nowait(event)
+
+    def close(self) -> None:
+        self._send.close()
+
+
 class _Discard:
     """A stream's read buffer once it has refused a message: it swallows the rest."""
 
@@ -76,7 +107,17 @@ class _Discard:
 
 
 class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's protocol state machine, with over-size messages refused per call."""
+    """purerpc's protocol state machine, with over-size messages refused per call
+    and resets passed on (as `StreamReset`) for the streams still open."""
+
+    #: The socket's open streams (its ``_streams``), set by `TidySocket`.
+    streams: dict[int, Any] = {}  # noqa: RUF012 - replaced per instance
+
+    def _stream_reset(self, event: Any) -> list[Any]:
+        if event.stream_id not in self.streams:
+            return []  # a stream we are done with: purerpc would fail on it
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [StreamReset(event.stream_id, int(event.error_code))]
 
     def _data_received(self, event: Any) -> list[Any]:
         try:
@@ -101,7 +142,41 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             end.close()
         # Unbounded, as purerpc's own queue is: the HTTP/2 flow-control window
         # is what bounds how much a peer can push at us.
-        self._incoming_events = trio.open_memory_channel[Any](math.inf)
+        send, receive = trio.open_memory_channel[Any](math.inf)
+        self._incoming_events = (_Inbox(self, send), receive)
+        #: Called (with no argument) when the peer resets this stream; the
+        #: server points it at the call's cancel scope.
+        self.on_reset: Callable[[], object] | None = None
+        self.reset: StreamReset | None = None
+
+    def was_reset(self, event: StreamReset) -> None:
+        """The peer reset this stream: forget it, and tell whoever is running the call."""
+        self.reset = event
+        self._state = GRPCStreamState.CLOSED
+        self._grpc_socket._streams.pop(self._stream_id, None)
+        if self.on_reset is not None:
+            self.on_reset()
+
+    async def send_message(self, message: Any) -> None:
+        self._raise_if_reset()
+        await super().send_message(message)
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        if self.reset is not None:
+            return  # nothing left to close: the peer did
+        await super().close(*args, **kwargs)
+
+    def _raise_if_reset(self) -> None:
+        if self.reset is None:
+            return
+        if self.client_side:
+            raise RpcFailedError(
+                Status(
+                    StatusCode.UNAVAILABLE,
+                    f"the server reset the stream (HTTP/2 error {self.reset.error_code})",
+                )
+            )
+        raise RpcFailedError(Status(StatusCode.CANCELLED, "the client cancelled the call"))
 
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event, reading through our _receive
@@ -118,6 +193,8 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         event = await self._incoming_events[1].receive()
         if isinstance(event, MessageTooLarge):
             raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
+        if isinstance(event, StreamReset):
+            self._raise_if_reset()
         if isinstance(event, MessageReceived):
             self._grpc_connection.acknowledge_received_data(
                 self._stream_id, event.flow_controlled_length
@@ -144,6 +221,7 @@ class TidySocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
     def __init__(self, config: Any, sock: Any) -> None:
         super().__init__(config, sock)
         self._grpc_connection = TidyConnection(config=config)
+        self._grpc_connection.streams = self._streams
         self._socket = SocketWrapper(self._grpc_connection, sock)
 
     async def _reader_thread(self) -> None:

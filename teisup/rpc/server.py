@@ -13,7 +13,8 @@ its service/servicer objects and replaces the serving loop:
 * a handler that raises gives the caller UNKNOWN, a `purerpc.RpcFailedError`
   gives its own status, and cancellation is never caught;
 * a client's ``grpc-timeout`` is enforced: the handler is cancelled and the
-  call ends with DEADLINE_EXCEEDED;
+  call ends with DEADLINE_EXCEEDED; a client that cancels a call (RST_STREAM)
+  cancels its handler at once;
 * a message over ``max_message_length`` (either way) ends that call with
   RESOURCE_EXHAUSTED and leaves the connection and its other calls alone.
 
@@ -228,7 +229,12 @@ class Server:
             handler = functools.partial(method.method_fn, request=event)
             caller = _CALLERS[method.signature.cardinality]
             deadline = event.timeout.total_seconds() if event.timeout is not None else None
-            await self._run_handler(caller, handler, stream, deadline)
+            # A client that resets the stream (it cancelled the call) cancels
+            # the handler, and whatever the handler was waiting for with it.
+            with trio.CancelScope() as scope:
+                stream.on_reset = scope.cancel
+                if stream.reset is None:
+                    await self._run_handler(caller, handler, stream, deadline)
         except Exception as exc:
             log.debug("gRPC call ended abnormally: %r", exc)
 

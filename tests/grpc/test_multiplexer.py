@@ -386,3 +386,26 @@ async def test_an_over_size_message_is_refused_and_the_connection_keeps_serving(
 def test_the_message_limit_is_checked() -> None:
     with pytest.raises(ValueError, match="max_message_length"):
         Multiplexer(Instances(), max_message_length=1 << 30)
+
+
+async def test_a_client_that_cancels_frees_the_backend_at_once(
+    fake_backend: Any, mux_stubs: SimpleNamespace
+) -> None:
+    """grpcio cancels (RST_STREAM, no deadline sent): the backend call ends with it."""
+    import grpc
+
+    backend = fake_backend(env={"FAKE_TEI_HANG": "0"})  # every call waits forever
+    async with running_mux(Instances(backend.record("hung")), default_timeout=600) as m:
+        with grpc.insecure_channel(f"127.0.0.1:{m.port}") as channel:
+            stub = mux_stubs.pb2_grpc.TeiMultiplexerStub(channel)
+            request = mux_stubs.pb2.InfoRequest(target=mux_stubs.pb2.Target(instance_name="hung"))
+            future = stub.Info.future(request)
+            with trio.fail_after(30):
+                await m.pool.wait_active("hung")
+            assert m.pool.in_flight("hung") == 1
+            future.cancel()
+            with trio.fail_after(10):  # not the 600 s default deadline
+                await m.pool.wait_idle("hung")
+            assert m.pool.in_flight("hung") == 0
+            # The connection to the backend stays usable for the next calls.
+            assert m.pool.connects == 1
