@@ -9,7 +9,7 @@ port fails at start, sockets closed on stop):
   ``running`` and NOT_SERVING otherwise, so a client can Watch one instance.
   The table is refreshed on every transition of the supervision tree (under
   `Multiplexer.run`) and every ``health_interval`` seconds;
-* ``grpc.reflection.v1alpha.ServerReflection``, listing the multiplexer, the
+* ``grpc.reflection.v1alpha.ServerReflection`` and ``v1``, listing the multiplexer, the
   ``tei.v1`` services whose messages it uses (as tei-manager's reflection
   does), health and reflection, so ``grpcurl -plaintext HOST:PORT list`` and
   ``describe`` work.
@@ -33,6 +33,7 @@ from teisup.rpc import (
     Authorizer,
     HealthServicer,
     ReflectionService,
+    ReflectionServiceV1,
     Server,
     ServingStatus,
 )
@@ -58,6 +59,7 @@ REFLECTED_SERVICES = (
     "tei.v1.Tokenize",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
 )
 
 
@@ -174,6 +176,7 @@ class Multiplexer:
         self.server.add_service(self.service.service)
         self.server.add_service(self.health)
         self.server.add_service(ReflectionService(list(REFLECTED_SERVICES)))
+        self.server.add_service(ReflectionServiceV1(list(REFLECTED_SERVICES)))
 
     @property
     def port(self) -> int:

@@ -24,7 +24,7 @@ from .client import (
     open_channel,
 )
 from .health import HealthServicer, ServingStatus, check_health, fetch_info
-from .reflection import ReflectionService
+from .reflection import ReflectionService, ReflectionServiceV1
 from .server import DEFAULT_HOST, Authorizer, Peer, Server
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Channel",
     "HealthServicer",
     "ReflectionService",
+    "ReflectionServiceV1",
     "RpcError",
     "RpcStatusError",
     "RpcUnavailable",

@@ -1,7 +1,9 @@
-"""gRPC reflection (``grpc.reflection.v1alpha``) on purerpc, which ships none.
+"""gRPC reflection (``grpc.reflection.v1alpha`` and ``v1``) on purerpc, which ships none.
 
 Generic tools (grpcurl, grpcio-reflection's descriptor database) use it to list
-a server's services and fetch their proto files.
+a server's services and fetch their proto files. The two versions are the same
+protocol in two packages: newer clients ask for v1 first, older ones (and TEI
+1.8.3's own server) speak v1alpha.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import importlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from teisup.proto.grpc.reflection.v1 import reflection_grpc as v1_grpc
+from teisup.proto.grpc.reflection.v1 import reflection_pb2 as v1_pb2
 from teisup.proto.grpc.reflection.v1alpha import reflection_grpc, reflection_pb2
 
-__all__ = ["ReflectionService"]
+__all__ = ["ReflectionService", "ReflectionServiceV1"]
 
 # protobuf ships no type stubs; importing through importlib keeps mypy --strict
 # clean whether or not types-protobuf is installed.
@@ -27,6 +31,8 @@ class ReflectionService(reflection_grpc.ServerReflectionServicer):
     from the protobuf descriptor pool the generated modules registered in;
     the rest get an UNIMPLEMENTED error response, as grpcio's server does.
     """
+
+    _pb2: Any = reflection_pb2
 
     def __init__(self, service_names: list[str]) -> None:
         self._names = sorted(service_names)
@@ -49,17 +55,14 @@ class ReflectionService(reflection_grpc.ServerReflectionServicer):
         add(file)
         return out
 
-    def _answer(
-        self, request: reflection_pb2.ServerReflectionRequest
-    ) -> reflection_pb2.ServerReflectionResponse:
-        response = reflection_pb2.ServerReflectionResponse(
-            valid_host=request.host, original_request=request
-        )
+    def _answer(self, request: Any) -> Any:
+        pb2 = self._pb2
+        response = pb2.ServerReflectionResponse(valid_host=request.host, original_request=request)
         which = request.WhichOneof("message_request")
         try:
             if which == "list_services":
                 response.list_services_response.service.extend(
-                    reflection_pb2.ServiceResponse(name=n) for n in self._names
+                    pb2.ServiceResponse(name=n) for n in self._names
                 )
             elif which == "file_by_filename":
                 file = self._pool.FindFileByName(request.file_by_filename)
@@ -80,3 +83,17 @@ class ReflectionService(reflection_grpc.ServerReflectionServicer):
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         async for request in input_messages:
             yield self._answer(request)
+
+
+class ReflectionServiceV1(v1_grpc.ServerReflectionServicer):
+    """``grpc.reflection.v1.ServerReflection``: `ReflectionService` in the v1 package."""
+
+    def __init__(self, service_names: list[str]) -> None:
+        self._inner = ReflectionService(service_names)
+        self._inner._pb2 = v1_pb2
+
+    async def ServerReflectionInfo(
+        self, input_messages: AsyncIterator[v1_pb2.ServerReflectionRequest]
+    ) -> AsyncIterator[v1_pb2.ServerReflectionResponse]:
+        async for request in input_messages:
+            yield self._inner._answer(request)

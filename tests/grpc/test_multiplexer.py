@@ -294,10 +294,15 @@ async def test_unary_deadline_from_the_client_is_enforced(fake_backend: Any) -> 
         assert stream.end_stream_event.status.status_code.name == "DEADLINE_EXCEEDED"
 
 
-async def test_reflection_lists_and_describes_the_services() -> None:
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_lists_and_describes_the_services(version: str) -> None:
+    import importlib
+
     from google.protobuf import descriptor_pb2
 
-    from teisup.proto.grpc.reflection.v1alpha import reflection_grpc, reflection_pb2
+    package = f"teisup.proto.grpc.reflection.{version}"
+    reflection_grpc = importlib.import_module(f"{package}.reflection_grpc")
+    reflection_pb2 = importlib.import_module(f"{package}.reflection_pb2")
 
     async with running_mux(Instances()) as m:
         with trio.fail_after(30):
@@ -314,6 +319,10 @@ async def test_reflection_lists_and_describes_the_services() -> None:
         listed, described = answers
     names = {s.name for s in listed.list_services_response.service}
     assert {SERVICE_NAME, "tei.v1.Embed", "grpc.health.v1.Health"} <= names
+    assert {
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    } <= names
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in described.file_descriptor_response.file_descriptor_proto

@@ -1,0 +1,1 @@
+"""Generated from protos/grpc/reflection/v1/ by tools/gen_protos.py."""
