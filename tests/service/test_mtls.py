@@ -294,3 +294,23 @@ async def test_sighup_reloads_the_certificate_and_keeps_open_streams(
         assert await trio.to_thread.run_sync(peer_serial, t.grpc_port, pki, "h2") == new
         assert await t.stop() == 0
     assert any(str(pki.key) in line for line in t.log)
+
+
+async def test_server_only_tls_on_both_servers(
+    tmp_path: Path, pki: Pki, mux_stubs: SimpleNamespace
+) -> None:
+    """TLS without client certificates: any client that trusts the CA gets in."""
+    env = {
+        "TEISUP_TLS_CERT": str(pki.cert),
+        "TEISUP_TLS_KEY": str(pki.key),
+        "TEISUP_DEFAULT_INSTANCE": "false",
+    }
+    async with teisup(tmp_path, env=env, scheme="https", client={"verify": https(pki, None)}) as t:
+        await running_with_instance(t)
+        answer = await trio.to_thread.run_sync(grpcio_info, t.grpc_port, mux_stubs, pki, None, None)
+        assert answer.model_id == SMALL["model_id"], answer
+        # Plaintext is not served next to it.
+        async with httpx.AsyncClient(base_url=t.url.replace("https", "http")) as plain:
+            with pytest.raises(httpx.TransportError):
+                await plain.get("/health")
+        assert await t.stop() == 0
