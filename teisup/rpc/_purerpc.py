@@ -159,6 +159,9 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
 
     async def send_message(self, message: Any) -> None:
         self._raise_if_reset()
+        if not self.client_side and not self._response_started:
+            # Response headers go out with the first message, in one write.
+            await self.start_response()
         await super().send_message(message)
 
     async def close(self, *args: Any, **kwargs: Any) -> None:

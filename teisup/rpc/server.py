@@ -205,7 +205,8 @@ class Server:
 
     async def _dispatch(self, stream: Any, peer: Peer) -> None:
         try:
-            await stream.start_response()
+            # Response headers wait for the first message (TidyStream), or the
+            # call ends trailers-only: one write per answer, not two.
             event = await stream.receive_event()
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, "expected request headers"))
