@@ -144,7 +144,8 @@ class EmbeddedServer(Server):
             # for a call past its deadline) stops the work done for it.
             with trio.CancelScope() as scope:
                 stream.on_reset = scope.cancel
-                await self._handle(stream)
+                if stream.reset is None:  # not cancelled before this task ran
+                    await self._handle(stream)
         except Exception as exc:
             log.debug("gRPC call ended abnormally: %r", exc)
         finally:

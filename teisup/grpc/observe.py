@@ -83,6 +83,13 @@ def observed(
     record = RequestRecord(transport, method)
     token = _current.set(record)
     began = time.perf_counter()
+    # Read now: once cancelled, the effective deadline is -inf.
+    deadline = trio.current_effective_deadline()
+
+    def cancelled() -> str:
+        past = not math.isinf(deadline) and deadline <= trio.current_time()
+        return "DEADLINE_EXCEEDED" if past else "CANCELLED"
+
     try:
         yield record
     except RpcFailedError as exc:
@@ -91,12 +98,15 @@ def observed(
     except BaseExceptionGroup as group:
         failed = group.subgroup(RpcFailedError)
         first = _first_leaf(failed) if failed is not None else None
-        record.code = status_name(first.status.status_code) if first is not None else "UNKNOWN"
+        if first is not None:
+            record.code = status_name(first.status.status_code)
+        elif group.split(trio.Cancelled)[1] is None:
+            record.code = cancelled()  # a handler's nursery, cancelled
+        else:
+            record.code = "UNKNOWN"
         raise
     except trio.Cancelled:
-        deadline = trio.current_effective_deadline()
-        past = not math.isinf(deadline) and deadline <= trio.current_time()
-        record.code = "DEADLINE_EXCEEDED" if past else "CANCELLED"
+        record.code = cancelled()
         raise
     except BaseException:
         record.code = "UNKNOWN"

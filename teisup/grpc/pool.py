@@ -97,6 +97,11 @@ class _Connection:
     close_requested: trio.Event = field(default_factory=trio.Event)
     calls: set[trio.CancelScope] = field(default_factory=set)
 
+    @property
+    def usable(self) -> bool:
+        """Neither dead nor on its way out (a broken transport asked it closed)."""
+        return not self.died.is_set() and not self.close_requested.is_set()
+
 
 @dataclass(eq=False)
 class _Entry:
@@ -240,11 +245,11 @@ class BackendPool:
     async def _connection(self, entry: _Entry, instance: InstanceView) -> _Connection:
         key = (instance.pid, instance.port)
         current = entry.connection
-        if current is not None and current.key == key and not current.died.is_set():
+        if current is not None and current.key == key and current.usable:
             return current
         async with entry.lock:
             current = entry.connection
-            if current is not None and current.key == key and not current.died.is_set():
+            if current is not None and current.key == key and current.usable:
                 return current  # another call connected while we waited for the lock
             if current is not None:
                 # The instance restarted (new pid) or moved: the old process's
@@ -386,11 +391,8 @@ async def _start(
 
 async def _abandon(channel: Channel, stream: Any) -> None:
     """Reset a backend stream we stop caring about, so neither side keeps it."""
-    grpc_socket: Any = channel._grpc_socket
-    grpc_socket._streams.pop(stream.stream_id, None)
-    grpc_socket._grpc_connection.message_read_buffers.pop(stream.stream_id, None)
     with contextlib.suppress(Exception):
-        grpc_socket._grpc_connection.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+        stream.abandon()
         # Shielded and brief: we may be here because of a cancellation, and
         # a dead socket must not hold us.
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):

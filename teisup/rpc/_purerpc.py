@@ -25,9 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from h2.connection import H2Connection
+from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from hyperframe.frame import WindowUpdateFrame  # type: ignore[import-untyped]
 from purerpc import RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.buffers import MessageWriteBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, ResponseEnded
@@ -82,6 +86,11 @@ class _Inbox:
     async def send(self, event: Any) -> None:
         if isinstance(event, StreamReset):
             self._stream.was_reset(event)
+            if self._stream.reset is None:
+                return  # a clean end after the answer: nothing to report
+        elif isinstance(event, ResponseEnded):
+            self._stream.answer_complete = True
+            self._stream.peer_finished()
         self._send.send_nowait(event)
 
     def close(self) -> None:
@@ -106,9 +115,46 @@ class _Discard:
         return []
 
 
+def _buffered(buffer: Any) -> int:
+    """Received bytes a stream's read buffer holds that were never acknowledged."""
+    if buffer is None or isinstance(buffer, _Discard):
+        return 0  # _Discard acknowledges as it goes
+    pending = sum(length for _, length in buffer._buffer._deque)
+    if buffer._message_length is not None:
+        pending += buffer._flow_controlled_length or 0  # the header of a partial message
+    pending += sum(length for _, length in buffer._messages)
+    return int(pending)
+
+
+class _LenientH2Connection(H2Connection):  # type: ignore[misc]  # h2 is untyped
+    """h2 3.x, minus one strictness: a WINDOW_UPDATE for a closed stream is ignored.
+
+    RFC 9113 §6.9 allows a peer to send one after the stream ended (a server
+    acknowledging request data it read after answering); h2 < 4 makes it a
+    connection error, which would take every call on the connection down.
+    """
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_window_update_frame(frame)
+        except (StreamClosedError, StreamIDTooLowError):
+            if frame.stream_id:
+                return [], []
+            raise
+
+
 class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
     """purerpc's protocol state machine, with over-size messages refused per call
     and resets passed on (as `StreamReset`) for the streams still open."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        h2_connection = self.h2_connection
+        h2_connection.__class__ = _LenientH2Connection
+        # h2 dispatches frames through bound methods it stored at creation.
+        h2_connection._frame_dispatch_table[WindowUpdateFrame] = (
+            h2_connection._receive_window_update_frame
+        )
 
     #: The socket's open streams (its ``_streams``), set by `TidySocket`.
     streams: dict[int, Any] = {}  # noqa: RUF012 - replaced per instance
@@ -116,8 +162,18 @@ class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
     def _stream_reset(self, event: Any) -> list[Any]:
         if event.stream_id not in self.streams:
             return []  # a stream we are done with: purerpc would fail on it
-        self.message_read_buffers.pop(event.stream_id, None)
+        buffer = self.message_read_buffers.pop(event.stream_id, None)
+        self.give_back(event.stream_id, _buffered(buffer))
         return [StreamReset(event.stream_id, int(event.error_code))]
+
+    def give_back(self, stream_id: int, length: int) -> None:
+        """Return ``length`` received bytes nobody will read to the connection's window.
+
+        Without this, a stream dropped with unread data shrinks the peer's
+        sending window for good, until the whole connection stalls.
+        """
+        if length > 0:
+            self.h2_connection.acknowledge_received_data(length, stream_id)
 
     def _data_received(self, event: Any) -> list[Any]:
         try:
@@ -148,24 +204,90 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         #: server points it at the call's cancel scope.
         self.on_reset: Callable[[], object] | None = None
         self.reset: StreamReset | None = None
+        #: The peer has ended the call (its answer is complete, or it reset
+        #: the stream): whatever we would still send has nowhere to go.
+        self.peer_done = False
+        #: Client side: the server's trailers have arrived.
+        self.answer_complete = False
+
+    def peer_finished(self) -> None:
+        """The server's answer is complete (client side): stop sending, wake a blocked sender."""
+        self.peer_done = True
+        self._flow_control_update_event.set()
 
     def was_reset(self, event: StreamReset) -> None:
-        """The peer reset this stream: forget it, and tell whoever is running the call."""
-        self.reset = event
+        """The peer reset this stream: forget it, and tell whoever is running the call.
+
+        A reset after a complete answer (NO_ERROR, as RFC 9113 §8.1 has servers
+        end a call whose request they no longer need, or any other code) only
+        stops the sending: the answer stands.
+        """
         self._state = GRPCStreamState.CLOSED
         self._grpc_socket._streams.pop(self._stream_id, None)
+        self.peer_finished()
+        if self.answer_complete:
+            return
+        self.reset = event
+        self._discard_queued()
         if self.on_reset is not None:
             self.on_reset()
+
+    def _discard_queued(self) -> None:
+        """Drop what is queued for this stream, handing its window back: nobody will read it."""
+        while True:
+            try:
+                queued = self._incoming_events[1].receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(queued, MessageReceived):
+                self._grpc_connection.give_back(self._stream_id, queued.flow_controlled_length)
+
+    def abandon(self) -> None:
+        """Reset this stream (RST_STREAM CANCEL) and forget it; nobody reads it any more.
+
+        The caller flushes the socket. Received data nobody will read is handed
+        back to the connection's window.
+        """
+        connection = self._grpc_connection
+        self._grpc_socket._streams.pop(self._stream_id, None)
+        connection.give_back(
+            self._stream_id, _buffered(connection.message_read_buffers.pop(self._stream_id, None))
+        )
+        self._discard_queued()
+        if self._state != GRPCStreamState.CLOSED:
+            self._state = GRPCStreamState.CLOSED
+            connection.h2_connection.reset_stream(self._stream_id, 8)  # CANCEL
 
     async def send_message(self, message: Any) -> None:
         self._raise_if_reset()
         if not self.client_side and not self._response_started:
             # Response headers go out with the first message, in one write.
             await self.start_response()
-        await super().send_message(message)
+        # Through our _send (purerpc's send_message calls GRPCStream._send by
+        # super(), skipping overrides).
+        await self._send(message.SerializeToString())
+
+    async def _send(self, message: bytes, compress: bool = False) -> None:
+        # purerpc's, but a sender waiting for window gives up once the peer
+        # has ended the call, instead of waiting for a window that never comes.
+        connection = self._grpc_connection
+        buffer = MessageWriteBuffer(
+            connection.config.message_encoding, connection.config.max_message_length
+        )
+        buffer.write_message(message, compress)
+        while buffer:
+            self._raise_if_reset()
+            if self.peer_done:
+                return  # the answer is in: the rest of the request is moot
+            window = connection.flow_control_window(self._stream_id)
+            if window <= 0:
+                await self._wait_flow_control_update()
+                continue
+            connection.send_data(self._stream_id, buffer.data_to_send(min(window, len(buffer))))
+            await self._socket.flush()
 
     async def close(self, *args: Any, **kwargs: Any) -> None:
-        if self.reset is not None:
+        if self.reset is not None or self._state == GRPCStreamState.CLOSED:
             return  # nothing left to close: the peer did
         await super().close(*args, **kwargs)
 
