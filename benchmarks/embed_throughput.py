@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,34 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-WORDS = [
-    "supervisor",
-    "restart",
-    "instance",
-    "model",
-    "embedding",
-    "vector",
-    "token",
-    "batch",
-    "queue",
-    "trio",
-]
-
-
-def sentences(n: int, offset: int = 0) -> list[str]:
-    """Short English-like sentences of 8-12 words, all different."""
-    out = []
-    for i in range(offset, offset + n):
-        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + i % 5)]
-        out.append(f"Sentence {i}: " + " ".join(words) + ".")
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from benchmarks._common import MODEL, free_port, sentences  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

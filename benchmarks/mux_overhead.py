@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,39 +50,14 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from benchmarks._common import MODEL, free_port, sentences  # noqa: E402
+from teisup.bench import arrow_ipc  # noqa: E402
+
 INSTANCE = "minilm"
 MUX = "/tei_multiplexer.v1.TeiMultiplexer"
 POOL = 4096  # distinct sentences the unary calls cycle through
 ARROW_BATCHES = 4  # distinct Arrow batches the Arrow calls cycle through
-WORDS = [
-    "supervisor",
-    "restart",
-    "instance",
-    "model",
-    "embedding",
-    "vector",
-    "token",
-    "batch",
-    "queue",
-    "trio",
-]
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def sentences(n: int, offset: int = 0) -> list[str]:
-    """Short English-like sentences of 8-12 words, all different."""
-    out = []
-    for i in range(offset, offset + n):
-        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + i % 5)]
-        out.append(f"Sentence {i}: " + " ".join(words) + ".")
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -289,18 +263,6 @@ def row(label: str, direct: Figures | None, mux: Figures) -> str:
         f"{direct.percentile_ms(0.99):>7.2f} {mux.percentile_ms(0.99):>7.2f} "
         f"{mux.cpu_us_per_text:>8.0f}"
     )
-
-
-def arrow_ipc(texts: list[str]) -> bytes:
-    """``texts`` as an LZ4-compressed Arrow IPC stream with one ``text`` Utf8 column."""
-    import pyarrow as pa
-
-    table = pa.table({"text": pa.array(texts, pa.string())})
-    sink = pa.BufferOutputStream()
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
-    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
 
 
 async def measure(args: argparse.Namespace, backend_port: int, mux_port: int, mux_pid: int) -> None:

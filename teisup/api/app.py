@@ -8,7 +8,6 @@ counted; the call still reports what happened).
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -35,6 +34,8 @@ from ..service.tls import AllowList, TlsReloader, peer_certificate
 from ..supervision import ChildState, Supervisor
 from .dataplane import add_data_plane
 from .openapi import LogsResponse, openapi_document
+from .responses import json_response as _json
+from .responses import now as _now
 
 __all__ = ["ApiError", "ControlPlane", "create_app"]
 
@@ -91,14 +92,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, content_type="application/json")
 
 
 def _error(status: int, code: str, message: str) -> Response:

@@ -23,7 +23,6 @@ UNIMPLEMENTED / INTERNAL 424, anything else 502.
 from __future__ import annotations
 
 import base64
-import datetime
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -40,6 +39,8 @@ from ..grpc.pool import unary
 from ..proto.tei.v1 import tei_pb2
 from ..proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from ..rpc import Channel
+from .responses import json_response as _json
+from .responses import now as _now
 
 __all__ = ["MAX_BATCH", "add_data_plane"]
 
@@ -112,19 +113,24 @@ class DataPlaneError(Exception):
         self.code = code
         self.message = message
 
+    def tei_body(self) -> dict[str, str]:
+        """TEI's error fields and teisup's."""
+        return {
+            "error": self.message,
+            "error_type": self.error_type,
+            "code": self.code,
+            "timestamp": _now(),
+        }
+
+    def openai_body(self) -> dict[str, Any]:
+        """OpenAI's error shape."""
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
     @classmethod
     def from_status(cls, exc: RpcFailedError) -> DataPlaneError:
         code = exc.status.status_code
         http, error_type = _STATUS.get(code, (502, "Backend"))
         return cls(http, error_type, status_name(code), exc.status.status_message)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(body), status=status, content_type="application/json")
 
 
 def _direction(name: str) -> Any:
@@ -191,10 +197,11 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
     app.config["MAX_CONTENT_LENGTH"] = max(app.config.get("MAX_CONTENT_LENGTH") or 0, max_body)
 
     async def many(
-        routed: tuple[Any, Any], service: str, unary_method: str, stream_method: str,
+        target: mux_pb2.Target, service: str, unary_method: str, stream_method: str,
         requests: list[Any], response_type: Any,
     ) -> list[Any]:  # fmt: skip
-        target, record = routed
+        """Route ``target``; one request as a unary call (with failover), more over one stream."""
+        record = data.route(target)
         if len(requests) > 1:
             return await data.stream_all(record, service, stream_method, requests, response_type)
 
@@ -204,40 +211,33 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         timeout = data.unary_timeout()
         return [await data.call_target(target, call, timeout=timeout, routed=record)]
 
-    def tei_route(
-        method: str, serve: Callable[[str], Awaitable[Any]]
-    ) -> Callable[[str], Awaitable[Response]]:
+    async def answer(
+        method: str,
+        produce: Callable[[], Awaitable[Any]],
+        error_body: Callable[[DataPlaneError], Any],
+    ) -> Response:
+        """``produce()`` as JSON, or its error as ``error_body`` gives it; observed either way."""
+        with observed(data.observer, "http", method) as record:
+            try:
+                return _json(await produce())
+            except RpcFailedError as exc:
+                error = DataPlaneError.from_status(exc)
+            except DataPlaneError as exc:
+                error = exc
+            record.code = error.code
+        return _json(error_body(error), error.status)
+
+    def tei_route(method: str, serve: Callable[[mux_pb2.Target], Awaitable[Any]]) -> None:
         async def handler(name: str) -> Response:
-            with observed(data.observer, "http", method) as record:
-                try:
-                    return _json(await serve(name))
-                except RpcFailedError as exc:
-                    error = DataPlaneError.from_status(exc)
-                except DataPlaneError as exc:
-                    error = exc
-                record.code = error.code
-            return _json(
-                {
-                    "error": error.message,
-                    "error_type": error.error_type,
-                    "code": error.code,
-                    "timestamp": _now(),
-                },
-                error.status,
-            )
+            target = mux_pb2.Target(instance_name=name)
+            return await answer(method, lambda: serve(target), DataPlaneError.tei_body)
 
         handler.__name__ = f"data_{method}"
         app.post(f"/instances/<name>/{method}")(handler)
-        return handler
 
-    def instance(name: str) -> tuple[Any, Any]:
-        target = mux_pb2.Target(instance_name=name)
-        return target, data.route(target)
-
-    async def embed(name: str) -> Any:
+    async def embed(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedBody)
         texts = _inputs(body.inputs)
-        record = instance(name)
         requests = [
             tei_pb2.EmbedRequest(
                 inputs=text,
@@ -250,14 +250,13 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             for text in texts
         ]
         answers = await many(
-            record, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
+            target, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
         )
         return [list(a.embeddings) for a in answers]
 
-    async def embed_sparse(name: str) -> Any:
+    async def embed_sparse(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedBody)
         texts = _inputs(body.inputs)
-        record = instance(name)
         requests = [
             tei_pb2.EmbedSparseRequest(
                 inputs=text,
@@ -268,7 +267,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             for text in texts
         ]
         answers = await many(
-            record,
+            target,
             "tei.v1.Embed",
             "EmbedSparse",
             "EmbedSparseStream",
@@ -279,12 +278,11 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             [{"index": v.index, "value": v.value} for v in a.sparse_embeddings] for a in answers
         ]
 
-    async def rerank(name: str) -> Any:
+    async def rerank(target: mux_pb2.Target) -> Any:
         body = await _decode(RerankBody)
         if not body.texts:
             raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`texts` cannot be empty")
         _inputs(body.texts)
-        record = instance(name)
         message = tei_pb2.RerankRequest(
             query=body.query,
             texts=body.texts,
@@ -294,7 +292,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             truncation_direction=_direction(body.truncation_direction),
         )
         (answer,) = await many(
-            record, "tei.v1.Rerank", "Rerank", "", [message], tei_pb2.RerankResponse
+            target, "tei.v1.Rerank", "Rerank", "", [message], tei_pb2.RerankResponse
         )
         return [
             {"index": r.index, "text": r.text, "score": r.score}
@@ -303,10 +301,9 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             for r in answer.ranks
         ]
 
-    async def tokenize(name: str) -> Any:
+    async def tokenize(target: mux_pb2.Target) -> Any:
         body = await _decode(TokenizeBody)
         texts = _inputs(body.inputs)
-        record = instance(name)
         requests = [
             tei_pb2.EncodeRequest(
                 inputs=text,
@@ -316,7 +313,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             for text in texts
         ]
         answers = await many(
-            record, "tei.v1.Tokenize", "Tokenize", "TokenizeStream", requests,
+            target, "tei.v1.Tokenize", "Tokenize", "TokenizeStream", requests,
             tei_pb2.EncodeResponse,
         )  # fmt: skip
         return [
@@ -340,17 +337,8 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
 
     @app.post("/v1/embeddings")
     async def openai_embeddings() -> Response:
-        with observed(data.observer, "http", "openai_embeddings") as record:
-            try:
-                return _json(await _openai(data, many))
-            except RpcFailedError as exc:
-                error = DataPlaneError.from_status(exc)
-            except DataPlaneError as exc:
-                error = exc
-            record.code = error.code
-        return _json(
-            {"error": {"message": error.message, "type": error.error_type, "code": error.code}},
-            error.status,
+        return await answer(
+            "openai_embeddings", lambda: _openai(data, many), DataPlaneError.openai_body
         )
 
 
@@ -363,13 +351,12 @@ async def _openai(data: MultiplexerService, many: Any) -> Any:
         if body.model in names
         else mux_pb2.Target(model_id=body.model)
     )
-    record = (target, data.route(target))
     requests = [
         tei_pb2.EmbedRequest(inputs=text, truncate=True, normalize=True, dimensions=body.dimensions)
         for text in texts
     ]
     answers = await many(
-        record, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
+        target, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
     )
     rows = []
     tokens = 0

@@ -25,6 +25,7 @@ __all__ = [
     "RequestObserver",
     "RequestRecord",
     "current_request",
+    "first_status",
     "observed",
     "status_name",
 ]
@@ -96,8 +97,7 @@ def observed(
         record.code = status_name(exc.status.status_code)
         raise
     except BaseExceptionGroup as group:
-        failed = group.subgroup(RpcFailedError)
-        first = _first_leaf(failed) if failed is not None else None
+        first = first_status(group)
         if first is not None:
             record.code = status_name(first.status.status_code)
         elif group.split(trio.Cancelled)[1] is None:
@@ -118,12 +118,13 @@ def observed(
             observer.request_done(record)
 
 
-def _first_leaf(group: BaseExceptionGroup[RpcFailedError]) -> RpcFailedError | None:
+def first_status(group: BaseExceptionGroup[BaseException]) -> RpcFailedError | None:
+    """The first error status in ``group`` (depth first), if any: the call's answer."""
     for exc in group.exceptions:
+        if isinstance(exc, RpcFailedError):
+            return exc
         if isinstance(exc, BaseExceptionGroup):
-            found = _first_leaf(exc)
+            found = first_status(exc)
             if found is not None:
                 return found
-        else:
-            return exc
     return None

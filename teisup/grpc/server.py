@@ -22,10 +22,10 @@ import logging
 import math
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import trio
-from purerpc import RpcFailedError, Status, StatusCode
+from purerpc import Status, StatusCode
 
 from teisup.rpc import (
     DEFAULT_HOST,
@@ -39,6 +39,7 @@ from teisup.rpc import (
 )
 from teisup.supervision import ChildContext
 
+from .observe import first_status
 from .pool import BackendPool
 from .routing import READY_STATUS
 from .service import SERVICE_NAME, InstanceSource, MultiplexerService, RawHandler
@@ -85,22 +86,11 @@ async def _call_raw(handler: Any, stream: Any) -> None:
     except BaseExceptionGroup as group:
         # A status raised inside a handler's nursery arrives grouped; the
         # server answers with the first one (anything else stays an error).
-        status = _first_status(group)
+        status = first_status(group)
         if status is None:
             raise
         raise status from None
     await stream.close(Status(StatusCode.OK))
-
-
-def _first_status(group: BaseExceptionGroup[BaseException]) -> Exception | None:
-    for exc in group.exceptions:
-        if isinstance(exc, RpcFailedError):
-            return cast(Exception, exc)
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_status(exc)
-            if found is not None:
-                return found
-    return None
 
 
 class Multiplexer:

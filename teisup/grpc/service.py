@@ -363,9 +363,6 @@ class MultiplexerService:
 
     def unary_timeout(self) -> float | None:
         """The pool deadline for a unary call: none under a client deadline, else the default."""
-        return self._unary_timeout()
-
-    def _unary_timeout(self) -> float | None:
         # A client deadline is already the handler's (the server enforces it);
         # only calls without one get the default.
         if not math.isinf(trio.current_effective_deadline()):
@@ -383,7 +380,7 @@ class MultiplexerService:
             )
 
         response: tei_pb2.InfoResponse = await self.call_target(
-            target, call, timeout=self._unary_timeout()
+            target, call, timeout=self.unary_timeout()
         )
         return response
 
@@ -399,7 +396,7 @@ class MultiplexerService:
                 channel, forward.backend_service, forward.method, inner, forward.response_type
             )
 
-        return await self.call_target(target, call, timeout=self._unary_timeout(), routed=record)
+        return await self.call_target(target, call, timeout=self.unary_timeout(), routed=record)
 
     async def _stream(self, forward: _Forward, stream: Any, event: Any) -> None:
         first = await stream.receive_message()
@@ -487,7 +484,7 @@ class MultiplexerService:
                     except ValueError as exc:
                         raise status_error(StatusCode.INTERNAL, str(exc)) from None
 
-        await self.call(record, call, timeout=self._unary_timeout())
+        await self.call(record, call, timeout=self.unary_timeout())
         _check_rows(builder.rows, len(texts))
         return mux_pb2.EmbedArrowResponse(arrow_ipc=builder.to_ipc())
 
@@ -516,7 +513,7 @@ class MultiplexerService:
                 while (answer := await backend.receive()) is not None:
                     builder.add((v.index, v.value) for v in answer.sparse_embeddings)
 
-        await self.call(record, call, timeout=self._unary_timeout())
+        await self.call(record, call, timeout=self.unary_timeout())
         _check_rows(builder.rows, len(texts))
         return mux_pb2.EmbedSparseArrowResponse(arrow_ipc=builder.to_ipc())
 

@@ -89,8 +89,7 @@ class _Inbox:
             if self._stream.reset is None:
                 return  # a clean end after the answer: nothing to report
         elif isinstance(event, ResponseEnded):
-            self._stream.answer_complete = True
-            self._stream.peer_finished()
+            self._stream.answer_arrived()
         self._send.send_nowait(event)
 
     def close(self) -> None:
@@ -204,16 +203,14 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         #: server points it at the call's cancel scope.
         self.on_reset: Callable[[], object] | None = None
         self.reset: StreamReset | None = None
-        #: The peer has ended the call (its answer is complete, or it reset
-        #: the stream): whatever we would still send has nowhere to go.
-        self.peer_done = False
-        #: Client side: the server's trailers have arrived.
+        #: Client side: the server's trailers have arrived, so whatever we
+        #: would still send has nowhere to go.
         self.answer_complete = False
 
-    def peer_finished(self) -> None:
-        """The server's answer is complete (client side): stop sending, wake a blocked sender."""
-        self.peer_done = True
-        self._flow_control_update_event.set()
+    def answer_arrived(self) -> None:
+        """The server's answer is complete (client side): stop sending."""
+        self.answer_complete = True
+        self._flow_control_update_event.set()  # a sender waiting for window gives up
 
     def was_reset(self, event: StreamReset) -> None:
         """The peer reset this stream: forget it, and tell whoever is running the call.
@@ -224,7 +221,7 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         """
         self._state = GRPCStreamState.CLOSED
         self._grpc_socket._streams.pop(self._stream_id, None)
-        self.peer_finished()
+        self._flow_control_update_event.set()  # a sender waiting for window gives up
         if self.answer_complete:
             return
         self.reset = event
@@ -277,7 +274,7 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         buffer.write_message(message, compress)
         while buffer:
             self._raise_if_reset()
-            if self.peer_done:
+            if self.answer_complete:
                 return  # the answer is in: the rest of the request is moot
             window = connection.flow_control_window(self._stream_id)
             if window <= 0:

@@ -286,9 +286,7 @@ def _translate_auth(data: dict[str, Any], path: str | os.PathLike[str] | None) -
     auth = data.pop("auth")
     if not isinstance(auth, dict):
         raise ConfigError(f"{where}: [auth] must be a table")
-    unknown = sorted(set(auth) - _AUTH_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: [auth]: unknown key {unknown[0]!r}")
+    _known_keys(auth, _AUTH_KEYS, f"{where}: [auth]")
     if not auth.get("enabled", False):
         return data  # tei-manager ignores a disabled section too
     if "tls" in data:
@@ -304,9 +302,7 @@ def _translate_auth(data: dict[str, Any], path: str | os.PathLike[str] | None) -
     mtls = auth.get("mtls")
     if not isinstance(mtls, dict):
         raise ConfigError(f"{where}: [auth] with the mtls provider needs an [auth.mtls] table")
-    unknown = sorted(set(mtls) - _MTLS_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: [auth.mtls]: unknown key {unknown[0]!r}")
+    _known_keys(mtls, _MTLS_KEYS, f"{where}: [auth.mtls]")
     missing = [k for k in ("ca_cert", "server_cert", "server_key") if not mtls.get(k)]
     if missing:
         raise ConfigError(f"{where}: [auth.mtls] needs {missing[0]}")
@@ -334,6 +330,12 @@ def _translate_auth(data: dict[str, Any], path: str | os.PathLike[str] | None) -
         "allowed_sans": sans,
     }
     return data
+
+
+def _known_keys(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
 
 
 def _common_name(entry: str) -> str:
