@@ -14,10 +14,10 @@ from typing import Any
 import trio
 
 from . import __version__
+from .security import TlsError
+from .security import validate as validate_tls
 from .service.config import ConfigError, ManagerConfig, load_config
 from .service.service import Service
-from .service.tls import TlsError
-from .service.tls import validate as validate_tls
 
 __all__ = ["build_parser", "main"]
 

@@ -9,9 +9,10 @@ import pytest
 import teisup
 import teisup.instances
 import teisup.rpc
+import teisup.security
 import teisup.supervision
 
-PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc]
+PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc, teisup.security]
 
 SUPERVISION_API = {
     "BRUTAL_KILL",

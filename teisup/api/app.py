@@ -29,8 +29,7 @@ from ..instances import (
     MaxInstancesReached,
     PortError,
 )
-from ..service.auth import bearer_matches
-from ..service.tls import AllowList, TlsReloader, peer_certificate
+from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
 from ..supervision import ChildState, Supervisor
 from .dataplane import add_data_plane
 from .openapi import LogsResponse, openapi_document

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import msgspec
 
 from ..instances.spec import InstanceSpec, RestartPolicy
-from .tls import TlsSettings
+from ..security import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
 

@@ -54,6 +54,7 @@ from ..instances import (
 from ..instances.probe import grpc_health_probe
 from ..instances.runner import Probe
 from ..rpc import Peer
+from ..security import AllowList, TlsError, TlsReloader, bearer_matches
 from ..supervision import (
     BRUTAL_KILL,
     ChildContext,
@@ -62,11 +63,9 @@ from ..supervision import (
     RestartType,
     Supervisor,
 )
-from .auth import bearer_matches
 from .config import ManagerConfig
 from .metrics import Metrics
 from .state import SavedInstance, Snapshot, StateStore, StateWriter
-from .tls import AllowList, TlsError, TlsReloader
 
 __all__ = ["Service"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from teisup.api import create_app, openapi_document
-from teisup.service.tls import AllowList
+from teisup.security import AllowList
 
 
 class _Plane:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teisup.service.auth import bearer_matches
+from teisup.security import bearer_matches
 
 TOKEN = "t0ken-with-enough-entropy"
 

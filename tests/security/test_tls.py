@@ -12,9 +12,9 @@ import pytest
 import trio
 import trustme
 
-from teisup.service.tls import AllowList, TlsError, TlsSettings, server_context, validate
+from teisup.security import AllowList, TlsError, TlsSettings, server_context, validate
 
-from .test_service_e2e import teisup
+from ..service.test_service_e2e import teisup
 
 NOW = datetime.datetime.now(datetime.UTC)
 

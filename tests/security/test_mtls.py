@@ -20,7 +20,7 @@ import pytest
 import trio
 import trustme
 
-from .test_service_e2e import SMALL, Teisup, teisup, wait_state
+from ..service.test_service_e2e import SMALL, Teisup, teisup, wait_state
 from .test_tls import server_files
 
 NOW = datetime.datetime.now(datetime.UTC)

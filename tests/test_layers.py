@@ -1,0 +1,80 @@
+"""The packages form layers: who may import whom, read from the source (no import side effects)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "teisup"
+
+
+def _package_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "teisup" else None
+
+
+def imports_by_package() -> dict[str, set[str]]:
+    """For each ``teisup.<package>``, the other ``teisup`` packages its modules import."""
+    graph: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT.parent).with_suffix("")
+        parts = list(relative.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if len(parts) < 2 or parts[1] == "proto":
+            continue
+        package = parts[1]
+        here = parts if path.name == "__init__.py" else parts[:-1]
+        targets = graph.setdefault(package, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here[: len(here) - node.level + 1]
+                    names = [".".join([*base, *([node.module] if node.module else [])])]
+                elif node.module:
+                    names = [node.module]
+            for name in names:
+                target = _package_of(name)
+                if target is not None and target != package:
+                    targets.add(target)
+    return graph
+
+
+def test_the_graph_sees_known_imports() -> None:
+    graph = imports_by_package()
+    assert "supervision" in graph["instances"]
+    assert "instances" in graph["service"]
+
+
+@pytest.mark.parametrize("package", ["security", "api", "grpc"])
+def test_the_layers_below_the_service_do_not_import_it(package: str) -> None:
+    assert "service" not in imports_by_package()[package]
+
+
+def test_security_depends_on_no_other_teisup_package() -> None:
+    assert imports_by_package()["security"] == set()
+
+
+def test_no_cycle_between_service_api_and_security() -> None:
+    graph = imports_by_package()
+    group = {"service", "api", "security"}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for nxt in graph.get(node, set()):
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    cycles = [p for p in sorted(group) if reaches(p, p)]
+    assert cycles == []
