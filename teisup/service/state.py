@@ -27,7 +27,7 @@ import trio
 from ..instances.spec import InstanceSpec
 from ..supervision import ChildContext
 
-__all__ = ["SavedInstance", "Snapshot", "StateStore", "StateWriter", "LoadResult"]
+__all__ = ["CorruptState", "LoadResult", "SavedInstance", "Snapshot", "StateStore", "StateWriter"]
 
 logger = logging.getLogger("teisup.state")
 
@@ -64,22 +64,67 @@ class LoadResult(msgspec.Struct, frozen=True):
     #: "file", "backup", "missing" (no state yet) or "unreadable" (started empty).
     source: str
     problem: str | None = None
-    #: Saved instances that no longer pass validation (say, after an upgrade
-    #: tightened it): why each was left out. The file as it was is kept aside.
+    #: Saved instances that were left out (no longer valid, say after an
+    #: upgrade tightened validation, or a duplicate name or port): why each was.
+    #: The file as it was is kept aside.
     rejected: list[str] = msgspec.field(default_factory=list)
+    #: Copies of every bad file read, kept for the operator (``.corrupt-*``,
+    #: ``.rejected-*``).
+    kept_aside: list[str] = msgspec.field(default_factory=list)
+
+
+class CorruptState(ValueError):
+    """A state file that cannot be parsed at all (empty, torn, not TOML/JSON)."""
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _duplicates(entries: list[tuple[int, SavedInstance]]) -> dict[int, str]:
+    """Which entries repeat an earlier one's name or port, and why; the first one is kept.
+
+    ``entries`` are (index in the file, instance); so are the indices in the reasons.
+    """
+    names: dict[str, int] = {}
+    ports: dict[int, tuple[int, str, str]] = {}
+    out: dict[int, str] = {}
+    for index, item in entries:
+        mine = [
+            (p, k) for p, k in ((item.port, "port"), (item.prometheus_port, "prometheus_port")) if p
+        ]
+        if item.name in names:
+            out[index] = f"the name is already instances[{names[item.name]}]'s"
+            continue
+        clash = next(((p, k) for p, k in mine if p in ports), None)
+        if clash is not None:
+            port, key = clash
+            first, name, their_key = ports[port]
+            out[index] = f"its {key} {port} is already instances[{first}] ({name!r})'s {their_key}"
+            continue
+        names[item.name] = index
+        for port, key in mine:
+            ports[port] = (index, item.name, key)
+    return out
+
+
 class StateStore:
-    """Reads and writes one state file (and its ``.bak``), atomically."""
+    """Reads and writes one state file (and its ``.bak``), atomically.
+
+    A bad file is never lost and never overwrites a good one: what cannot be
+    parsed (an empty file included) is moved aside as ``<file>.corrupt-<time>``
+    and the backup is used; a file with entries left out is copied to
+    ``<file>.rejected-<time>``; and `save` never rotates a main file that does
+    not parse into the backup.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.backup = self.path.with_name(self.path.name + ".bak")
         self.json = self.path.suffix.lower() == ".json"
+        #: The bytes of the main file as last read good or written: no need to
+        #: parse it again before rotating it into the backup.
+        self._known_good: bytes | None = None
 
     def encode(self, snapshot: Snapshot) -> bytes:
         if self.json:
@@ -94,72 +139,129 @@ class StateStore:
         return snapshot
 
     def decode_lenient(self, data: bytes) -> tuple[Snapshot, list[str]]:
-        """The snapshot in ``data`` without the instances that fail validation, and why.
+        """The snapshot in ``data`` without the instances left out, and why each was.
 
-        Raises if the file itself cannot be parsed.
+        An instance is left out when it fails validation or repeats an earlier
+        one's name or port (the first is kept). Raises `CorruptState` if the
+        file itself cannot be parsed; an empty file is corrupt (teisup never
+        writes one, tei-manager neither).
         """
-        if self.json:
-            raw = msgspec.json.decode(data, type=_RawSnapshot)
-        else:
-            raw = msgspec.toml.decode(data, type=_RawSnapshot)
-        instances, rejected = [], []
+        if not data.strip():
+            raise CorruptState("the file is empty")
+        try:
+            if self.json:
+                raw = msgspec.json.decode(data, type=_RawSnapshot)
+            else:
+                raw = msgspec.toml.decode(data, type=_RawSnapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CorruptState(str(exc)) from None
+        valid: list[tuple[int, SavedInstance]] = []
+        rejected: dict[int, str] = {}
         for index, item in enumerate(raw.instances):
             try:
-                instances.append(msgspec.convert(item, SavedInstance))
+                valid.append((index, msgspec.convert(item, SavedInstance)))
             except msgspec.ValidationError as exc:
-                name = item.get("name", "?")
-                rejected.append(f"instances[{index}] ({name!r}): {exc}")
-        return Snapshot(raw.last_updated, instances, raw.version), rejected
+                rejected[index] = f"{exc}"
+        rejected.update(_duplicates(valid))
+        kept = [item for index, item in valid if index not in rejected]
+        reasons = [
+            f"instances[{index}] ({raw.instances[index].get('name', '?')!r}): {why}"
+            for index, why in sorted(rejected.items())
+        ]
+        return Snapshot(raw.last_updated, kept, raw.version), reasons
+
+    def _aside(self, source: Path, kind: str, copy: bytes | None = None) -> Path | None:
+        """Move ``source`` to ``<source>.<kind>-<time>`` (or write ``copy`` there).
+
+        The path it is kept at, or None (logged) if that failed.
+        """
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = source.with_name(f"{source.name}.{kind}-{stamp}")
+        try:
+            if copy is None:
+                os.replace(source, aside)
+            else:
+                with open(aside, "xb") as f:
+                    f.write(copy)
+        except OSError as exc:
+            logger.error("state: cannot keep %s aside as %s: %s", source, aside, exc)
+            return None
+        return aside
 
     def load(self) -> LoadResult:
         """The last good snapshot: the file, else its backup, else empty.
 
-        A corrupt file is never overwritten blindly: with no readable backup
-        either, it is moved aside (``<file>.corrupt-<time>``) and the manager
-        starts empty.
+        Every bad file read is kept for the operator: one that cannot be parsed
+        is moved aside (``<file>.corrupt-<time>``), so the next write cannot
+        rotate it over a good backup; one with instances left out is copied
+        (``<file>.rejected-<time>``) before the next write drops them.
         """
-        problem = None
+        problems: list[str] = []
+        kept: list[str] = []
         for candidate, source in ((self.path, "file"), (self.backup, "backup")):
             try:
                 data = candidate.read_bytes()
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                problem = f"cannot read {candidate}: {exc.strerror}"
-                logger.error("state: %s", problem)
+                problems.append(f"cannot read {candidate}: {exc.strerror}")
+                logger.error("state: %s", problems[-1])
                 continue
             try:
                 snapshot, rejected = self.decode_lenient(data)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                problem = f"{candidate} is corrupt: {exc}"
-                logger.error("state: %s", problem)
+            except CorruptState as exc:
+                aside = self._aside(candidate, "corrupt")
+                where = f" (kept as {aside})" if aside else ""
+                problems.append(f"{candidate} is corrupt: {exc}{where}")
+                logger.error("state: %s", problems[-1])
+                if aside is not None:
+                    kept.append(str(aside))
                 continue
             if source == "backup":
                 logger.error("state: using the backup %s instead of %s", self.backup, self.path)
+            else:
+                self._known_good = None if rejected else data
             if rejected:
-                # The next write drops them from the file: keep it as it was.
-                aside = self.path.with_name(f"{self.path.name}.rejected-{int(time.time())}")
-                try:
-                    aside.write_bytes(data)
-                except OSError as exc:
-                    logger.error("state: cannot keep a copy of %s: %s", candidate, exc)
+                aside = self._aside(candidate, "rejected", data)
+                if aside is not None:
+                    kept.append(str(aside))
                 for reason in rejected:
-                    logger.error("state: left out invalid saved instance %s", reason)
-                problem = (
-                    f"{len(rejected)} saved instance(s) no longer valid, left out "
-                    f"(the file as it was: {aside}): " + "; ".join(rejected)
+                    logger.error("state: left out saved instance %s", reason)
+                problems.append(
+                    f"{len(rejected)} saved instance(s) left out "
+                    f"(the file as it was: {aside or 'not kept'}): " + "; ".join(rejected)
                 )
-            return LoadResult(snapshot, source, problem, rejected)
-        if problem is None:
+            problem = "; ".join(problems) or None
+            return LoadResult(snapshot, source, problem, rejected, kept)
+        if not problems:
             return LoadResult(Snapshot(), "missing")
-        if self.path.exists():
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            try:
-                os.replace(self.path, aside)
-                logger.error("state: kept the unreadable state file as %s; starting empty", aside)
-            except OSError as exc:
-                logger.error("state: cannot move the unreadable state file aside: %s", exc)
-        return LoadResult(Snapshot(), "unreadable", problem)
+        logger.error("state: no readable state file; starting empty")
+        return LoadResult(Snapshot(), "unreadable", "; ".join(problems), kept_aside=kept)
+
+    def _rotatable(self) -> bool:
+        """Whether the current main file may become the backup: it exists and parses.
+
+        One that does not (torn or emptied behind teisup's back) is moved aside
+        instead, so it never replaces a good backup.
+        """
+        try:
+            current = self.path.read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            logger.error("state: cannot read %s, keeping the backup as it is: %s", self.path, exc)
+            return False
+        if current == self._known_good:
+            return True
+        try:
+            self.decode_lenient(current)
+        except CorruptState as exc:
+            aside = self._aside(self.path, "corrupt")
+            logger.error(
+                "state: %s is corrupt (%s); kept as %s, the backup stays", self.path, exc, aside
+            )
+            return False
+        return True
 
     def save(self, snapshot: Snapshot) -> None:
         """Write ``snapshot`` durably, keeping the current file as the backup.
@@ -176,7 +278,7 @@ class StateStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            if self.path.exists():
+            if self._rotatable():
                 # A hard link keeps the current file in place while the backup
                 # is replaced: there is always a complete state file.
                 link = directory / f".{self.path.name}.bak-{os.getpid()}"
@@ -187,6 +289,7 @@ class StateStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+        self._known_good = data
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

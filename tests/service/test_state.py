@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -100,6 +101,101 @@ def test_an_instance_that_no_longer_validates_spoils_only_itself(tmp_path: Path)
     # Nothing is lost: the file as it was is kept aside for the operator.
     [aside] = tmp_path.glob("state.toml.rejected-*")
     assert aside.read_text() == original
+
+
+def _two_generations(store: StateStore) -> tuple[Snapshot, Snapshot]:
+    first = Snapshot(last_updated="t1", instances=[saved("a", 8080)])
+    second = Snapshot(last_updated="t2", instances=[saved("a", 8080), saved("b", 8082)])
+    store.save(first)
+    store.save(second)
+    return first, second
+
+
+@pytest.mark.parametrize("bad", [b"", b"\n  \n", b'last_updated = "t3"\n[[instances]\nname ='])
+def test_an_empty_or_garbage_file_is_kept_aside_and_never_replaces_the_backup(
+    tmp_path: Path, bad: bytes
+) -> None:
+    store = StateStore(tmp_path / "state.toml")
+    first, _ = _two_generations(store)
+    store.path.write_bytes(bad)
+    result = store.load()
+    assert (result.source, result.snapshot) == ("backup", first)
+    assert result.problem is not None
+    assert "corrupt" in result.problem
+    [aside] = tmp_path.glob("state.toml.corrupt-*")
+    assert aside.read_bytes() == bad
+    assert result.kept_aside == [str(aside)]
+    # The next write keeps the good backup: the bad file never becomes it.
+    third = Snapshot(last_updated="t3", instances=[saved("a", 8080), saved("c", 8084)])
+    store.save(third)
+    assert store.decode(store.backup.read_bytes()) == first
+    assert StateStore(store.path).load().snapshot == third
+
+
+def test_a_file_torn_behind_teisups_back_is_not_rotated_into_the_backup(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.toml")
+    first, _ = _two_generations(store)
+    store.path.write_bytes(store.path.read_bytes()[:25])
+    torn = store.path.read_bytes()
+    store.save(Snapshot(last_updated="t3", instances=[saved("c", 8084)]))
+    # The backup is still a good generation, and the torn file is kept.
+    assert store.decode(store.backup.read_bytes()) == first
+    [aside] = tmp_path.glob("state.toml.corrupt-*")
+    assert aside.read_bytes() == torn
+
+
+def test_a_corrupt_backup_is_kept_aside_too(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.toml")
+    store.path.write_bytes(b"")
+    store.backup.write_bytes(b"{{{")
+    result = store.load()
+    assert (result.source, result.snapshot) == ("unreadable", Snapshot())
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [
+        "state.toml.bak.corrupt",
+        "state.toml.corrupt",
+    ]
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("*.bak.corrupt-*"))] == [b"{{{"]
+
+
+DUPLICATES = {
+    "name": (
+        '[[instances]]\nname = "a"\nmodel_id = "m"\nport = 8080\n'
+        '[[instances]]\nname = "b"\nmodel_id = "m"\nport = 8081\n'
+        '[[instances]]\nname = "a"\nmodel_id = "other"\nport = 8082\n',
+        "instances[2] ('a'): the name is already instances[0]'s",
+    ),
+    "port": (
+        '[[instances]]\nname = "a"\nmodel_id = "m"\nport = 8080\n'
+        '[[instances]]\nname = "b"\nmodel_id = "m"\nport = 8080\n',
+        "instances[1] ('b'): its port 8080 is already instances[0] ('a')'s port",
+    ),
+    "prometheus_port": (
+        '[[instances]]\nname = "a"\nmodel_id = "m"\nport = 8080\nprometheus_port = 9100\n'
+        '[[instances]]\nname = "b"\nmodel_id = "m"\nport = 9100\n',
+        "instances[1] ('b'): its port 9100 is already instances[0] ('a')'s prometheus_port",
+    ),
+}
+
+
+@pytest.mark.parametrize("clash", sorted(DUPLICATES))
+def test_duplicate_saved_instances_keep_the_first_a_rejected_copy_and_a_log_line(
+    tmp_path: Path, clash: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    original, reason = DUPLICATES[clash]
+    store = StateStore(tmp_path / "state.toml")
+    store.path.write_text(f'last_updated = "t"\n{original}')
+    with caplog.at_level(logging.ERROR, logger="teisup.state"):
+        result = store.load()
+    assert result.source == "file"
+    names = [i.name for i in result.snapshot.instances]
+    assert len(names) == len(set(names))
+    assert names[0] == "a"
+    assert result.rejected == [reason]
+    [aside] = tmp_path.glob("state.toml.rejected-*")
+    assert aside.read_text() == f'last_updated = "t"\n{original}'
+    assert any(reason in record.getMessage() for record in caplog.records)
+    with pytest.raises(ValueError, match="already"):
+        store.decode(store.path.read_bytes())
 
 
 def test_a_failed_write_leaves_the_previous_snapshot_intact(
