@@ -4,6 +4,10 @@ TEI's router reads every flag from an environment variable of the same name
 too (``--port`` from ``PORT``, ``--hostname`` from ``HOSTNAME``, which Docker
 sets to the container id), so the child environment is scrubbed of those
 names: what the manager passes on the command line is what the router uses.
+The manager's own configuration goes too (`is_manager_setting`): its API
+token, TLS key paths and every other ``TEISUP_*`` / ``TEI_MANAGER_*`` setting
+are its secrets and its business, never a child's (``/proc/<pid>/environ`` is
+readable by anything running as the same user).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ __all__ = [
     "SCRUBBED_VARIABLES",
     "build_argv",
     "build_env",
+    "is_manager_setting",
 ]
 
 #: Marker variables on every child, so leftovers of a dead manager can be found.
@@ -55,6 +60,22 @@ SCRUBBED_VARIABLES = frozenset(
         "CORS_ALLOW_ORIGIN",
     }
 )
+
+#: The prefixes of the manager's settings (tei-manager's and teisup's).
+MANAGER_PREFIXES = ("TEISUP_", "TEI_MANAGER_")
+
+#: Manager settings outside those prefixes.
+MANAGER_SETTINGS = frozenset({"TEI_BINARY_PATH"})
+
+
+def is_manager_setting(name: str) -> bool:
+    """Whether the environment variable ``name`` configures the manager (its
+    token, its TLS files, its ports, ...) and so must not reach a child.
+
+    The marker variables are the manager's too; `build_env` sets them afresh.
+    """
+    return name in MANAGER_SETTINGS or name.startswith(MANAGER_PREFIXES)
+
 
 #: Instances only ever listen on loopback: the multiplexer is the way in.
 INSTANCE_HOST = "127.0.0.1"
@@ -104,12 +125,11 @@ def build_argv(
 
 
 def build_env(base: Mapping[str, str], spec: InstanceSpec, manager_id: str) -> dict[str, str]:
-    """The child's environment: ``base`` minus the router's flag variables,
-    plus ``NO_COLOR``, the GPU pin and the marker variables."""
+    """The child's environment: ``base`` minus the router's flag variables
+    and the manager's own settings, plus ``NO_COLOR``, the GPU pin and the
+    marker variables."""
     env = {
-        k: v
-        for k, v in base.items()
-        if k not in SCRUBBED_VARIABLES and k not in (MANAGER_MARKER, INSTANCE_MARKER)
+        k: v for k, v in base.items() if k not in SCRUBBED_VARIABLES and not is_manager_setting(k)
     }
     env["NO_COLOR"] = "1"
     # Python children (the embedded backend) would otherwise block-buffer their

@@ -37,6 +37,7 @@ import trio
 
 __all__ = [
     "ProcessSpawner",
+    "descendants",
     "find_marked_processes",
     "kill_group",
     "proc_state",
@@ -229,6 +230,24 @@ def _pids() -> Iterator[int]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             yield int(entry.name)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, theirs, ...), from one
+    reading of ``/proc``; a snapshot, so racing forks may be missed."""
+    children: dict[int, list[int]] = {}
+    for child in _pids():
+        parent = _parent_of(child)
+        if parent is not None:
+            children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    stack = list(children.get(pid, ()))
+    while stack:
+        child = stack.pop()
+        if _alive(child):
+            found.append(child)
+        stack.extend(children.get(child, ()))
+    return sorted(found)
 
 
 def _environ(pid: int) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from teisup.instances.launch import build_argv, build_env
+import pytest
+
+from teisup.instances.launch import build_argv, build_env, is_manager_setting
 from teisup.instances.spec import InstanceSpec
 
 
@@ -79,3 +81,55 @@ def test_environment_is_scrubbed_marked_and_pinned() -> None:
 def test_an_unpinned_instance_inherits_the_visible_gpus() -> None:
     env = build_env({"CUDA_VISIBLE_DEVICES": "0,1"}, InstanceSpec(name="a", model_id="m"), "x")
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+@pytest.mark.parametrize(
+    ("name", "manager_setting"),
+    [
+        ("TEISUP_API_TOKEN", True),
+        ("TEISUP_API_TOKEN_FILE", True),
+        ("TEISUP_TLS_KEY", True),
+        ("TEISUP_TLS_CERT", True),
+        ("TEISUP_TLS_CA", True),
+        ("TEISUP_BIND_HOST", True),
+        ("TEISUP_MANAGER_ID", True),
+        ("TEISUP_SOMETHING_NEW", True),
+        ("TEI_MANAGER_API_PORT", True),
+        ("TEI_MANAGER_STATE_FILE", True),
+        ("TEI_BINARY_PATH", True),
+        ("TEISUP_OWNED_BY", True),  # a marker: set afresh, never inherited
+        ("TEISUP_INSTANCE", True),
+        ("HF_TOKEN", False),
+        ("HUGGING_FACE_HUB_TOKEN", False),
+        ("TEISUPER", False),
+        ("MY_TEISUP_API_TOKEN", False),
+        ("teisup_api_token", False),
+        ("PATH", False),
+        ("CUDA_VISIBLE_DEVICES", False),
+    ],
+)
+def test_the_managers_own_settings_are_told_apart(name: str, manager_setting: bool) -> None:
+    assert is_manager_setting(name) is manager_setting
+
+
+def test_the_managers_secrets_never_reach_a_child_but_its_markers_do() -> None:
+    base = {
+        "PATH": "/usr/bin",
+        "HF_TOKEN": "hf-secret",
+        "TEISUP_API_TOKEN": "api-secret-0123456789",
+        "TEISUP_API_TOKEN_FILE": "/run/secrets/token",
+        "TEISUP_TLS_KEY": "/etc/teisup/key.pem",
+        "TEI_MANAGER_API_PORT": "9000",
+        "TEI_BINARY_PATH": "/usr/local/bin/text-embeddings-router",
+        "TEISUP_OWNED_BY": "someone-else",
+        "TEISUP_INSTANCE": "other",
+    }
+    env = build_env(base, InstanceSpec(name="bge", model_id="m"), "mgr-1")
+    assert env == {
+        "PATH": "/usr/bin",
+        "HF_TOKEN": "hf-secret",
+        "NO_COLOR": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TEISUP_OWNED_BY": "mgr-1",
+        "TEISUP_INSTANCE": "bge",
+    }
