@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .instances import LauncherError, resolve_launcher
 from .security import TlsError
 from .security import validate as validate_tls
 from .service.config import ConfigError, ManagerConfig, load_config
@@ -75,9 +76,9 @@ def _setup_logging(level: str, fmt: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-async def serve(config: ManagerConfig) -> None:
+async def serve(config: ManagerConfig, launcher: list[str] | None = None) -> None:
     """Run the service until SIGTERM or SIGINT, then stop it gracefully."""
-    service = Service(config)
+    service = Service(config, launcher=launcher)
     # SIGHUP too: its default action would kill teisup outright. The service's
     # `reload` child takes it over while it runs (loading TLS files again);
     # before and after that it is only noted here.
@@ -121,11 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config.resolve_api_token()
         validate_tls(config.tls)
-    except (ConfigError, TlsError) as exc:
+        # Before anything starts: a configured binary that cannot run is an error.
+        launcher = resolve_launcher(config.tei_binary_path)
+    except (ConfigError, TlsError, LauncherError) as exc:
         print(f"teisup: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(serve, config)
+        trio.run(serve, config, launcher)
     except OSError as exc:
         logger.error("cannot run: %s", exc)
         return 1

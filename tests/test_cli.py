@@ -61,3 +61,28 @@ async def test_serve_stops_cleanly_on_a_signal(signum: signal.Signals, tmp_path:
     assert f"received {signum.name}; stopping" in [line["message"] for line in lines]
     assert {"timestamp", "level", "target", "message"} <= set(lines[0])
     assert (tmp_path / "state.toml").exists() or lines[-1]["message"] == "teisup stopped"
+
+
+@pytest.mark.parametrize("how", ["environment", "config file"])
+def test_a_configured_tei_binary_that_cannot_run_stops_teisup_before_anything_starts(
+    how: str, tmp_path: Path
+) -> None:
+    binary = tmp_path / "text-embeddings-router"
+    binary.write_text("#!/bin/sh\n")  # not executable
+    state = tmp_path / "state.toml"
+    argv = [sys.executable, "-m", "teisup", "serve", "--state-file", str(state)]
+    env = {**os.environ, "TEISUP_BIND_HOST": "127.0.0.1", "TEI_BINARY_PATH": ""}
+    if how == "environment":
+        env["TEI_BINARY_PATH"] = str(binary)
+    else:
+        config = tmp_path / "teisup.toml"
+        config.write_text(f"tei_binary_path = {json.dumps(str(binary))}\n")
+        argv += ["-c", str(config)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        argv += ["--api-port", str(s.getsockname()[1])]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"teisup: TEI binary {binary}: not executable"]
+    assert not state.exists()
+    assert not (tmp_path / "logs").exists()

@@ -13,6 +13,7 @@ from .manager import (
     InstanceInfo,
     InstanceManager,
     InstanceNotFound,
+    LauncherError,
     MaxInstancesReached,
     resolve_launcher,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceRunner",
     "InstanceSpec",
     "InvalidGpuId",
+    "LauncherError",
     "LogLine",
     "MaxInstancesReached",
     "NvmlReader",

@@ -50,6 +50,7 @@ __all__ = [
     "InstanceInfo",
     "InstanceManager",
     "InstanceNotFound",
+    "LauncherError",
     "MaxInstancesReached",
     "resolve_launcher",
 ]
@@ -115,20 +116,54 @@ class _Instance:
         return self.earlier_restarts + self.status.restarts
 
 
+class LauncherError(ValueError):
+    """The configured TEI binary cannot be run (missing, not a file, not
+    executable); the message names the path and why."""
+
+
+#: TEI's router, looked up on PATH when no binary is configured.
+TEI_ROUTER = "text-embeddings-router"
+
+
 def resolve_launcher(tei_binary_path: str | None) -> list[str]:
-    """The command that starts a router: TEI's binary if there is one, else
-    the embedded backend (``python -m teisup.embedded``)."""
-    candidates = [tei_binary_path] if tei_binary_path else []
-    candidates.append("text-embeddings-router")
-    for candidate in candidates:
-        found = shutil.which(candidate)
-        if found:
-            return [found]
+    """The command that starts a router.
+
+    A configured binary (``TEI_BINARY_PATH`` or ``tei_binary_path``) must be
+    an executable file, else `LauncherError`: a typo never turns silently
+    into a different backend. A bare name is looked up on PATH. With nothing
+    configured, ``text-embeddings-router`` on PATH, else the embedded backend
+    (``python -m teisup.embedded``).
+    """
     if tei_binary_path:
-        logger.warning(
-            "TEI binary %r not found; using the embedded backend instead", tei_binary_path
-        )
+        return [_check_binary(tei_binary_path)]
+    found = shutil.which(TEI_ROUTER)
+    if found:
+        return [found]
+    logger.info(
+        "no TEI binary configured and no %s on PATH; using the embedded backend", TEI_ROUTER
+    )
     return [sys.executable, "-m", "teisup.embedded"]
+
+
+def _check_binary(configured: str) -> str:
+    if os.sep not in configured:
+        found = shutil.which(configured)
+        if found is None:
+            raise LauncherError(f"TEI binary {configured!r}: not found on PATH")
+        return found
+    path = Path(configured)
+    try:
+        is_file = path.is_file()
+        exists = is_file or path.exists()
+    except OSError as exc:  # a path too long, a component we may not search
+        raise LauncherError(f"TEI binary {configured}: {exc.strerror or exc}") from None
+    if not exists:
+        raise LauncherError(f"TEI binary {configured}: no such file")
+    if not is_file:
+        raise LauncherError(f"TEI binary {configured}: not a regular file")
+    if not os.access(path, os.X_OK):
+        raise LauncherError(f"TEI binary {configured}: not executable")
+    return configured
 
 
 def _rfc3339(seconds: float) -> str:

@@ -21,6 +21,7 @@ from teisup.instances import (
     InstanceNotFound,
     InstanceSpec,
     InvalidGpuId,
+    LauncherError,
     PortUnavailable,
     RestartPolicy,
     resolve_launcher,
@@ -293,10 +294,31 @@ def test_the_launcher_is_tei_when_found_else_the_embedded_backend(
     router.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert resolve_launcher(None) == [str(router)]
+    assert resolve_launcher("") == [str(router)]
     assert resolve_launcher(str(router)) == [str(router)]
+    assert resolve_launcher("text-embeddings-router") == [str(router)]
     monkeypatch.setenv("PATH", "/nonexistent")
     assert resolve_launcher(None) == [sys.executable, "-m", "teisup.embedded"]
-    assert resolve_launcher("/opt/tei/missing") == [sys.executable, "-m", "teisup.embedded"]
+
+
+def test_a_configured_binary_that_cannot_run_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never the embedded backend instead: a typo would serve another model.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    plain = tmp_path / "router"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o644)
+    cases = {
+        "/opt/tei/missing": "/opt/tei/missing: no such file",
+        str(tmp_path): f"{tmp_path}: not a regular file",
+        str(plain): f"{plain}: not executable",
+        "text-embeddings-router": "'text-embeddings-router': not found on PATH",
+    }
+    for configured, why in cases.items():
+        with pytest.raises(LauncherError) as caught:
+            resolve_launcher(configured)
+        assert str(caught.value) == f"TEI binary {why}"
 
 
 async def test_a_stopped_instance_stays_stopped_and_manual_starts_are_not_restarts(

@@ -33,7 +33,7 @@ TEXTS = ["The cat sat on the mat.", "Embeddings map text to vectors.", "Trio is 
 
 def embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """No TEI binary: instances run on the embedded backend."""
-    return {"TEI_BINARY_PATH": str(tmp_path / "no-such-router"), "PATH": os.defpath, **extra}
+    return {"TEI_BINARY_PATH": "", "PATH": os.defpath, **extra}
 
 
 async def direct_embed(port: int, text: str) -> list[float]:

@@ -466,7 +466,7 @@ async def test_an_open_api_on_a_network_address_is_loudly_warned_about(tmp_path:
 @pytest.mark.slow
 async def test_a_bare_teisup_serves_the_embedded_default(tmp_path: Path) -> None:
     """The README's run command: no TEI binary, nothing configured."""
-    env = {"TEI_BINARY_PATH": str(tmp_path / "no-such-router"), "PATH": os.defpath}
+    env = {"TEI_BINARY_PATH": "", "PATH": os.defpath}
     async with teisup(tmp_path, env=env) as t:
         minilm = await wait_state(t, "minilm", "running")
         assert minilm["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
