@@ -2,8 +2,11 @@
 
 Every error answers ``{"error": <message>, "code": <CODE>, "timestamp": <RFC3339>}``
 (tei-manager's shape). A lifecycle call answers once the state snapshot that
-records it has been written (or the write has failed, which is logged and
-counted; the call still reports what happened).
+records it has been written, or after a bounded wait when it has not (a failed
+or slow disk): the change is applied either way, and the answer says whether it
+is durable, in an ``X-Teisup-Durable: true|false`` header and, beside
+tei-manager's fields, ``"durable"`` in the body. The writer goes on retrying;
+/health's ``state`` says whether anything is still unsaved.
 """
 
 from __future__ import annotations
@@ -36,12 +39,23 @@ from .openapi import LogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
 
-__all__ = ["ApiError", "ControlPlane", "create_app"]
+__all__ = ["DURABLE_HEADER", "ApiError", "ControlPlane", "Durability", "create_app"]
 
 #: Request bodies larger than this are refused with 413.
 MAX_BODY_BYTES = 1 << 20
 #: The longest ``?wait=`` a client may ask for.
 MAX_WAIT = 900.0
+
+
+#: The response header of a lifecycle call: whether its change is on disk yet.
+DURABLE_HEADER = "X-Teisup-Durable"
+
+
+class Durability(Protocol):
+    """Whether the state file holds every applied change (encoded into /health)."""
+
+    @property
+    def durable(self) -> bool: ...
 
 
 class ControlPlane(Protocol):
@@ -54,6 +68,8 @@ class ControlPlane(Protocol):
     def root(self) -> Supervisor: ...
 
     async def persist(self) -> bool: ...
+
+    def state_status(self) -> Durability: ...
 
     def gpus(self) -> list[GpuInfo]: ...
 
@@ -95,6 +111,16 @@ class ApiError(Exception):
 
 def _error(status: int, code: str, message: str) -> Response:
     return _json({"error": message, "code": code, "timestamp": _now()}, status)
+
+
+def _applied(info: InstanceInfo | None, durable: bool, status: int = 200) -> Response:
+    """A lifecycle call's answer: the instance (or 204) and whether the change is durable."""
+    if info is None:
+        response = Response(b"", status=204)
+    else:
+        response = _json({**msgspec.to_builtins(info), "durable": durable}, status)
+    response.headers[DURABLE_HEADER] = "true" if durable else "false"
+    return response
 
 
 def _translate(exc: Exception) -> ApiError:
@@ -225,6 +251,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                     "running": len(up),
                     "by_state": by_state,
                 },
+                "state": plane.state_status(),
             }
         )
 
@@ -246,8 +273,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         spec = await _decode_spec()
         info = await manager.create(spec)
         plane.on_created(info)
-        await plane.persist()
-        return _json(manager.get(spec.name), 201)
+        durable = await plane.persist()
+        return _applied(manager.get(spec.name), durable, 201)
 
     @app.get("/instances/<name>")
     @lifecycle
@@ -282,8 +309,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def delete_instance(name: str) -> Response:
         await manager.delete(name)
         plane.on_deleted(name)
-        await plane.persist()
-        return Response(b"", status=204)
+        return _applied(None, await plane.persist(), 204)
 
     def action_route(action: str) -> None:
         """POST /instances/<name>/<action>: idempotent, answers with the instance."""
@@ -291,8 +317,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         async def act(name: str) -> Response:
             perform: Callable[[str], Awaitable[InstanceInfo]] = getattr(manager, action)
             await perform(name)
-            await plane.persist()
-            return _json(manager.get(name))
+            durable = await plane.persist()
+            return _applied(manager.get(name), durable)
 
         act.__name__ = f"{action}_instance"
         app.post(f"/instances/<name>/{action}")(lifecycle(act))

@@ -4,7 +4,8 @@ tei-manager's five series keep their names and labels, so existing dashboards
 work, and each is actually recorded (tei-manager never increments its
 health-check failure counter, and counts only health-triggered restarts).
 teisup adds per-state instance gauges, restarts by reason, backoff seconds,
-probe latency, state-write duration and failures, and per-GPU readings; and,
+probe latency, state-write duration and failures, whether the state file holds
+every change (and for how long it has not), and per-GPU readings; and,
 for the data plane (gRPC multiplexer and HTTP), requests by transport, method,
 instance and status code, their latency, calls in flight per instance, and
 rows per Arrow request.
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from ..grpc.observe import RequestRecord
 from ..instances import GpuInfo, InstanceInfo
 from ..supervision import ChildState, TransitionEvent
+from .writer import StateStatus
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -129,7 +131,10 @@ class Metrics:
         )
         #: Calls in flight on an instance (set by the service to its backend pool's count).
         self.in_flight: Callable[[str], int] = lambda name: 0
+        #: Whether the state file holds every change (set by the service to its writer's).
+        self.state_status: Callable[[], StateStatus | None] = lambda: None
         r.register(_StateCollector(instances, gpus, lambda name: self.in_flight(name)))
+        r.register(_DurabilityCollector(lambda: self.state_status()))
         self._instances = instances
 
     def render(self) -> bytes:
@@ -216,3 +221,23 @@ class _StateCollector(Collector):
                 utilization.add_metric([str(gpu.index), gpu.name], float(gpu.utilization_percent))
         yield memory
         yield utilization
+
+
+class _DurabilityCollector(Collector):
+    def __init__(self, status: Callable[[], StateStatus | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status()
+        if status is None:
+            return
+        yield GaugeMetricFamily(
+            "teisup_state_durable",
+            "1 when the state file holds every applied change, 0 while some are unsaved",
+            value=1.0 if status.durable else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "teisup_state_unsaved_seconds",
+            "How long the oldest change not yet in the state file has waited (0 when none)",
+            value=status.pending_seconds,
+        )

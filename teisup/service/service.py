@@ -65,7 +65,8 @@ from ..supervision import (
 )
 from .config import ManagerConfig
 from .metrics import Metrics
-from .state import SavedInstance, Snapshot, StateStore, StateWriter
+from .state import SavedInstance, Snapshot, StateStore
+from .writer import StateStatus, StateWriter
 
 __all__ = ["Service"]
 
@@ -126,6 +127,10 @@ class Service:
     async def persist(self) -> bool:
         assert self._writer is not None
         return await self._writer.persist()
+
+    def state_status(self) -> StateStatus:
+        assert self._writer is not None
+        return self._writer.status()
 
     def gpus(self) -> list[GpuInfo]:
         return list(self._gpus)
@@ -231,6 +236,7 @@ class Service:
             self._writer = StateWriter(
                 self.store, self._collect, on_write=self.metrics.on_state_write
             )
+            self.metrics.state_status = self._writer.status
             swept = await manager.sweep_leftovers()
             if swept:
                 logger.warning("killed %d process(es) left by a previous manager", len(swept))

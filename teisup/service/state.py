@@ -16,18 +16,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import trio
 
 from ..instances.spec import InstanceSpec
-from ..supervision import ChildContext
 
-__all__ = ["CorruptState", "LoadResult", "SavedInstance", "Snapshot", "StateStore", "StateWriter"]
+__all__ = ["CorruptState", "LoadResult", "SavedInstance", "Snapshot", "StateStore"]
 
 logger = logging.getLogger("teisup.state")
 
@@ -75,10 +71,6 @@ class LoadResult(msgspec.Struct, frozen=True):
 
 class CorruptState(ValueError):
     """A state file that cannot be parsed at all (empty, torn, not TOML/JSON)."""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _duplicates(entries: list[tuple[int, SavedInstance]]) -> dict[int, str]:
@@ -295,106 +287,3 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class StateWriter:
-    """Writes a snapshot after changes; callers wait until theirs is on disk.
-
-    `mark_dirty` asks for a write without waiting (transitions);
-    `persist` asks and waits (lifecycle calls). Changes that arrive while a
-    write is in progress share the next write. A failed write is logged,
-    counted, and retried with backoff; `persist` then returns False rather
-    than hanging the caller.
-    """
-
-    def __init__(
-        self,
-        store: StateStore,
-        collect: Callable[[], list[SavedInstance]],
-        *,
-        on_write: Callable[[float, bool], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.collect = collect
-        self.on_write = on_write
-        self._requested = 0
-        self._attempted = 0
-        self._written = 0
-        self._changed = trio.Event()
-        self._progress = trio.Event()
-        self.failures = 0
-        self.last_error: str | None = None
-        self._last_written: list[SavedInstance] | None = None
-
-    def mark_dirty(self) -> int:
-        """Request a write of the current state; return its generation."""
-        self._requested += 1
-        self._changed.set()
-        return self._requested
-
-    async def persist(self) -> bool:
-        """Request a write and wait for it; True once it is durable."""
-        generation = self.mark_dirty()
-        while self._attempted < generation:
-            await self._progress.wait()
-        return self._written >= generation
-
-    async def write_now(self) -> bool:
-        """Write at once from the calling task (the final snapshot at shutdown)."""
-        generation = self.mark_dirty()
-        await self._write(generation)
-        return self._written >= generation
-
-    async def run(self, ctx: ChildContext) -> None:
-        """The worker: write whenever asked, until asked to stop."""
-        ctx.started()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._loop)
-            await ctx.wait_stop_requested()
-            nursery.cancel_scope.cancel()
-        await self.write_now()
-
-    async def _loop(self) -> None:
-        delay = 0.5
-        while True:
-            if self._attempted >= self._requested:
-                self._changed = trio.Event()
-                await self._changed.wait()
-            if await self._write(self._requested):
-                delay = 0.5
-            else:
-                await trio.sleep(delay)  # retry: the disk may come back
-                delay = min(delay * 2, 30.0)
-
-    async def _write(self, generation: int) -> bool:
-        instances = self.collect()
-        if instances == self._last_written:
-            # Most transitions (running <-> unhealthy, ...) change nothing a
-            # snapshot holds: no I/O, and the file keeps its last_updated.
-            self._settle(generation, written=True)
-            return True
-        snapshot = Snapshot(last_updated=_now(), instances=instances)
-        began = time.perf_counter()
-        ok = True
-        try:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.store.save, snapshot)
-        except OSError as exc:
-            ok = False
-            self.failures += 1
-            self.last_error = f"{exc.strerror or exc} ({self.store.path})"
-            logger.error("state: cannot write %s: %s", self.store.path, exc)
-        else:
-            self._last_written = instances
-            self.last_error = None
-        if self.on_write is not None:
-            self.on_write(time.perf_counter() - began, ok)
-        self._settle(generation, written=ok)
-        return ok
-
-    def _settle(self, generation: int, *, written: bool) -> None:
-        if written:
-            self._written = max(self._written, generation)
-        self._attempted = max(self._attempted, generation)
-        progress, self._progress = self._progress, trio.Event()
-        progress.set()

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -366,6 +366,82 @@ async def test_a_read_only_state_directory_keeps_the_last_snapshot_and_retries(
             saved = state.read_text()
             assert 'name = "second"' in saved
             assert 'name = "third"' in saved
+            assert await t.stop() == 0
+    finally:
+        _mount_umount(state_dir)
+
+
+async def _wait_file(path: Path, done: Callable[[str], bool]) -> str:
+    """The file's text once ``done`` holds for it (polled, bounded)."""
+    with trio.fail_after(30):
+        while True:
+            text = await trio.Path(path).read_text()
+            if done(text):
+                return text
+            await trio.sleep(0.05)
+
+
+async def test_on_a_failing_disk_changes_answer_not_durable_and_land_with_no_further_request(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state_dir)):
+        pytest.skip("making a disk read-only needs mount (root with CAP_SYS_ADMIN)")
+    state = state_dir / "state.toml"
+    config = f'log_dir = "{tmp_path / "logs"}"\n'
+    try:
+        async with teisup(tmp_path, config=config, state_file=state) as t:
+            for name in ("keep", "gone"):
+                made = await t.http.post("/instances", json={**SMALL, "name": name})
+                assert made.status_code == 201
+                assert made.headers["X-Teisup-Durable"] == "true"
+                assert made.json()["durable"] is True
+            assert (await t.http.get("/health")).json()["state"]["durable"] is True
+            before = state.read_bytes()
+            assert _mount("-o", "remount,ro", str(state_dir))
+
+            # Applied, answered, and said to be not yet on disk.
+            gone = await t.http.delete("/instances/gone")
+            assert gone.status_code == 204
+            assert gone.headers["X-Teisup-Durable"] == "false"
+            new = await t.http.post("/instances", json={**SMALL, "name": "new"})
+            assert new.status_code == 201
+            assert new.headers["X-Teisup-Durable"] == "false"
+            body = new.json()
+            assert body.pop("durable") is False
+            shown = (await t.http.get("/instances/new")).json()
+            assert body.keys() == shown.keys()  # every tei-manager field, as it was
+            stopped = await t.http.post("/instances/keep/stop")
+            assert stopped.status_code == 200
+            assert stopped.json()["durable"] is False
+            health = await t.http.get("/health")
+            assert health.status_code == 200
+            assert health.json()["status"] == "healthy"
+            unsaved = health.json()["state"]
+            assert unsaved["durable"] is False
+            assert "Read-only" in unsaved["last_error"]
+            assert unsaved["pending_since"] is not None
+            metrics = (await t.http.get("/metrics")).text
+            assert "teisup_state_durable 0.0" in metrics
+            assert state.read_bytes() == before
+
+            # The disk comes back: the writer's own retry saves it, nobody asks.
+            assert _mount("-o", "remount,rw", str(state_dir))
+            saved = await _wait_file(state, lambda text: 'name = "new"' in text)
+            assert 'name = "gone"' not in saved
+            assert 'desired = "stopped"' in saved  # keep
+            health = (await t.http.get("/health")).json()
+            assert health["state"]["durable"] is True
+            assert "teisup_state_durable 1.0" in (await t.http.get("/metrics")).text
+            t.proc.kill()
+            await t.proc.wait()
+
+        # After kill -9, exactly what was confirmed comes back.
+        async with teisup(tmp_path, config=config, state_file=state) as t:
+            infos = {i["name"]: i for i in (await t.http.get("/instances")).json()}
+            assert sorted(infos) == ["keep", "new"]
+            assert infos["keep"]["desired"] == "stopped"
             assert await t.stop() == 0
     finally:
         _mount_umount(state_dir)

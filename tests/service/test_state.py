@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 
-from teisup.service.state import SavedInstance, Snapshot, StateStore, StateWriter
+from teisup.service.state import SavedInstance, Snapshot, StateStore
+from teisup.service.writer import RetrySchedule, StateWriter
 
 TEI_MANAGER_STATE = """\
 last_updated = "2025-11-19T14:38:49.303726Z"
@@ -221,7 +225,7 @@ async def test_the_writer_coalesces_bursts_and_reports_durability(tmp_path: Path
     writes: list[bool] = []
     writer = StateWriter(store, lambda: list(instances), on_write=lambda _, ok: writes.append(ok))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer._loop)
+        nursery.start_soon(writer.loop)
         for port in range(8081, 8091):
             instances.append(saved(f"i{port}", port))
             writer.mark_dirty()
@@ -238,7 +242,7 @@ async def test_a_failing_disk_is_retried_and_persist_does_not_hang(tmp_path: Pat
     store = StateStore(blocker / "state.toml")
     writer = StateWriter(store, list)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer._loop)
+        nursery.start_soon(writer.loop)
         assert not await writer.persist()
         assert writer.failures >= 1
         assert writer.last_error is not None
@@ -246,5 +250,128 @@ async def test_a_failing_disk_is_retried_and_persist_does_not_hang(tmp_path: Pat
         blocker.unlink()
         blocker.mkdir()
         assert await writer.persist()
+        assert store.path.exists()
+        nursery.cancel_scope.cancel()
+
+
+def test_the_retry_schedule_doubles_to_its_cap_and_resets() -> None:
+    schedule = RetrySchedule(initial=0.25, factor=2.0, maximum=5.0)
+    now, delays = 100.0, []
+    for _ in range(8):
+        at = schedule.failed(now)
+        delays.append(at - now)
+        now = at
+    assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert (schedule.streak, schedule.retry_at) == (8, now)
+    schedule.succeeded()
+    assert (schedule.streak, schedule.retry_at) == (0, None)
+    assert schedule.failed(0.0) == 0.25
+    for _ in range(5000):  # a week-long outage: still the cap, never an overflow
+        schedule.failed(0.0)
+    assert schedule.delay() == 5.0
+    with pytest.raises(ValueError, match="initial"):
+        RetrySchedule(initial=0)
+    with pytest.raises(ValueError, match="initial"):
+        RetrySchedule(initial=10, maximum=5)
+
+
+async def _inline(fn: Callable[..., object], *args: object) -> object:
+    """Run the store's blocking save in the task itself: no thread, so time stays virtual."""
+    return fn(*args)
+
+
+async def test_a_failed_write_is_retried_on_its_own_timer_until_it_lands(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    store = StateStore(blocker / "state.toml")
+    instances = [saved("a", 8080)]
+    attempts: list[tuple[float, bool]] = []
+    writer = StateWriter(
+        store,
+        lambda: list(instances),
+        on_write=lambda _, ok: attempts.append((trio.current_time(), ok)),
+        durable_wait=1.0,
+        offload=_inline,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.loop)
+        began = trio.current_time()
+        # The disk refuses at once: the caller hears so at once, not after the backoff.
+        assert not await writer.persist()
+        assert trio.current_time() - began < 1.0
+        status = writer.status()
+        assert not status.durable
+        assert status.last_error is not None
+        assert str(store.path) in status.last_error
+        assert status.pending_since is not None
+        await trio.sleep(10.0)
+        assert writer.status().pending_seconds == 10.0
+        # Retried without any further request, the waits doubling to the cap.
+        times = [t - began for t, _ in attempts]
+        assert [b - a for a, b in itertools.pairwise(times)] == [
+            0.25, 0.5, 1.0, 2.0, 4.0
+        ]  # fmt: skip
+        assert not any(ok for _, ok in attempts)
+        # The directory appears; nobody asks again: the next retry writes it.
+        blocker.unlink()
+        blocker.mkdir()
+        with trio.fail_after(5.0):
+            await writer.wait_durable()
+        assert attempts[-1][1]
+        assert writer.status() == writer.status().__class__(durable=True, path=str(store.path))
+        assert [i.name for i in store.load().snapshot.instances] == ["a"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_transitions_during_an_outage_wait_for_the_retry_timer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    instances = [saved("a", 8080)]
+    attempts: list[float] = []
+    writer = StateWriter(
+        StateStore(blocker / "state.toml"),
+        lambda: list(instances),
+        on_write=lambda _, ok: attempts.append(trio.current_time()),
+        retry=RetrySchedule(initial=4.0, maximum=4.0),
+        offload=_inline,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.loop)
+        assert not await writer.persist()
+        for restarts in range(1, 50):  # a crash-looping instance changes the snapshot
+            instances[0] = SavedInstance(name="a", model_id="m", port=8080, restarts=restarts)
+            writer.mark_dirty()
+            await trio.sleep(0.01)
+        assert len(attempts) == 1  # no write per transition: the timer decides
+        await trio.sleep(4.0)
+        assert len(attempts) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hung_write_answers_the_caller_after_the_bounded_wait(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = StateStore(tmp_path / "state.toml")
+    release = trio.Event()
+
+    async def hung_disk(fn: Callable[..., object], *args: object) -> object:
+        await release.wait()  # an NFS server gone away
+        return fn(*args)
+
+    writer = StateWriter(store, lambda: [saved("a", 8080)], durable_wait=1.5, offload=hung_disk)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.loop)
+        began = trio.current_time()
+        assert not await writer.persist()
+        assert trio.current_time() - began == 1.5
+        assert not writer.status().durable
+        assert writer.status().last_error is None  # not failed: still under way
+        release.set()
+        with trio.fail_after(1.0):
+            await writer.wait_durable()
         assert store.path.exists()
         nursery.cancel_scope.cancel()
