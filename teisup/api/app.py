@@ -18,7 +18,7 @@ import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..grpc import MultiplexerService
 from ..instances import (
@@ -33,11 +33,13 @@ from ..instances import (
     PortError,
 )
 from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
-from ..supervision import ChildState, Supervisor
+from ..supervision import ChildState, Supervisor, TransitionEvent
 from .dataplane import add_data_plane
+from .jsonbody import JsonTooDeep, decode_json
 from .openapi import LogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
+from .waiting import WaitVerdict, wait_verdict
 
 __all__ = ["DURABLE_HEADER", "ApiError", "ControlPlane", "Durability", "create_app"]
 
@@ -147,7 +149,9 @@ async def _decode_spec() -> InstanceSpec:
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
     try:
-        data = msgspec.json.decode(body)
+        data = decode_json(body)
+    except JsonTooDeep as exc:
+        raise ApiError(400, "INVALID_JSON", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -156,6 +160,31 @@ async def _decode_spec() -> InstanceSpec:
         return msgspec.convert(data, InstanceSpec)
     except msgspec.ValidationError as exc:
         raise ApiError(422, "VALIDATION_ERROR", f"invalid instance: {exc}") from None
+
+
+class _Deletions:
+    """An event that fires after each deletion (replaced by a fresh one)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def happened(self) -> None:
+        self.event.set()
+        self.event = trio.Event()
+
+
+async def _next_change(
+    events: trio.MemoryReceiveChannel[TransitionEvent], deleted: trio.Event
+) -> None:
+    """Return after the next transition event or once ``deleted`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def first(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(first, events.receive)
+        nursery.start_soon(first, deleted.wait)
 
 
 def create_app(plane: ControlPlane) -> QuartTrio:
@@ -184,7 +213,11 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
             status, "HTTP_ERROR"
         )
-        return _error(status, code, exc.description or exc.name)
+        response = _error(status, code, exc.description or exc.name)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            # RFC 9110: a 405 lists the methods the resource takes.
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     public = {"/health", "/metrics"}
     token = plane.api_token
@@ -276,16 +309,26 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         durable = await plane.persist()
         return _applied(manager.get(spec.name), durable, 201)
 
+    #: Set (and replaced) after each deletion: a deletion publishes no
+    #: transition once the instance is gone, and its waiters must hear of it.
+    deletions = _Deletions()
+
     @app.get("/instances/<name>")
     @lifecycle
     async def get_instance(name: str) -> Response:
         """``?wait=<state>&timeout=<s>`` answers once the instance is in that
-        state (event-driven, no polling), or 504 with its current state."""
-        wanted = request.args.get("wait")
-        if wanted is None:
+        state (event-driven, no polling); at once with 409 when it cannot get
+        there without a call (`wait_verdict`), or 404 once it is deleted;
+        504 with its current state after the timeout."""
+        wanted_text = request.args.get("wait")
+        if wanted_text is None:
             return _json(manager.get(name))
-        if wanted not in {s.value for s in ChildState}:
-            raise ApiError(422, "VALIDATION_ERROR", f"wait: unknown state {wanted!r}")
+        try:
+            wanted = ChildState(wanted_text)
+        except ValueError:
+            raise ApiError(
+                422, "VALIDATION_ERROR", f"wait: unknown state {wanted_text!r}"
+            ) from None
         try:
             timeout = float(request.args.get("timeout", "30"))
         except ValueError:
@@ -293,14 +336,27 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         if not 0 <= timeout <= MAX_WAIT:
             raise ApiError(422, "VALIDATION_ERROR", f"timeout must be 0-{MAX_WAIT:g} seconds")
         with plane.root.events.subscribe() as events, trio.move_on_after(timeout):
-            while manager.get(name).status != wanted:
-                await events.receive()
+            while True:
+                deleted = deletions.event
+                info = manager.get(name)
+                verdict = wait_verdict(ChildState(info.status), info.desired, wanted)
+                if verdict is not WaitVerdict.PENDING:
+                    break
+                await _next_change(events, deleted)
         info = manager.get(name)
-        if info.status != wanted:
+        verdict = wait_verdict(ChildState(info.status), info.desired, wanted)
+        if verdict is WaitVerdict.UNREACHABLE:
+            raise ApiError(
+                409,
+                "STATE_UNREACHABLE",
+                f"instance {name!r} is {info.status} (desired {info.desired}) and cannot "
+                f"become {wanted.value} without a call such as start",
+            )
+        if verdict is WaitVerdict.PENDING:
             raise ApiError(
                 504,
                 "TIMEOUT",
-                f"instance {name!r} is {info.status}, not {wanted}, after {timeout:g}s",
+                f"instance {name!r} is {info.status}, not {wanted.value}, after {timeout:g}s",
             )
         return _json(info)
 
@@ -308,6 +364,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     @lifecycle
     async def delete_instance(name: str) -> Response:
         await manager.delete(name)
+        deletions.happened()
         plane.on_deleted(name)
         return _applied(None, await plane.persist(), 204)
 

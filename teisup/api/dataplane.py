@@ -39,6 +39,7 @@ from ..grpc.pool import unary
 from ..proto.tei.v1 import tei_pb2
 from ..proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from ..rpc import Channel
+from .jsonbody import JsonTooDeep, decode_json
 from .responses import json_response as _json
 from .responses import now as _now
 
@@ -46,6 +47,8 @@ __all__ = ["MAX_BATCH", "add_data_plane"]
 
 MAX_BATCH = 4096
 """The most inputs one HTTP request may carry."""
+MAX_DIMENSIONS = 1 << 16
+"""The largest ``dimensions`` (Matryoshka truncation) a request may ask for."""
 
 _STATUS: dict[int, tuple[int, str]] = {
     StatusCode.INVALID_ARGUMENT: (422, "Validation"),
@@ -60,7 +63,8 @@ _STATUS: dict[int, tuple[int, str]] = {
 
 B = TypeVar("B")
 Direction = Literal["Right", "Left"]
-Positive = Annotated[int, msgspec.Meta(ge=1)]
+#: TEI's ``dimensions`` is a uint32 on the wire; a model has far fewer.
+Dimensions = Annotated[int, msgspec.Meta(ge=1, le=MAX_DIMENSIONS)]
 
 
 class EmbedBody(msgspec.Struct):
@@ -71,7 +75,7 @@ class EmbedBody(msgspec.Struct):
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
     normalize: bool = True
-    dimensions: Positive | None = None
+    dimensions: Dimensions | None = None
 
 
 class RerankBody(msgspec.Struct):
@@ -99,7 +103,7 @@ class OpenAIEmbeddingsBody(msgspec.Struct):
     input: str | list[str]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Positive | None = None
+    dimensions: Dimensions | None = None
     user: str | None = None
 
 
@@ -163,7 +167,9 @@ async def _decode(kind: type[B]) -> B:
         ) from None
     assert isinstance(body, bytes)
     try:
-        data = msgspec.json.decode(body)
+        data = decode_json(body)
+    except JsonTooDeep as exc:
+        raise DataPlaneError(400, "Validation", "INVALID_ARGUMENT", str(exc)) from None
     except msgspec.DecodeError as exc:
         raise DataPlaneError(
             400, "Validation", "INVALID_ARGUMENT", f"malformed JSON: {exc}"

@@ -6,29 +6,57 @@ so every bad value is refused here with a message that names the field.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import operator
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
+import msgspec.structs
 
 from ..supervision import Backoff, Intensity, RestartType
 
-__all__ = ["InstanceSpec", "RestartPolicy", "check_extra_args", "spec_from_dict"]
+__all__ = [
+    "InstanceSpec",
+    "RestartBackoff",
+    "RestartPolicy",
+    "check_bounds",
+    "check_extra_args",
+    "spec_from_dict",
+]
 
 # \Z, not $: "$" also matches before a final newline.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}\Z"
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 Dtype = Literal["float16", "float32", "bfloat16"]
+#: A day: longer start-up or stop budgets, backoffs or intervals are a
+#: mistake, not a setting.
+MAX_SECONDS = 86400.0
+#: A week: the longest window a restart count or a reset looks back over.
+MAX_WINDOW_SECONDS = 7 * 86400.0
+#: TEI's batch budget is 16384 tokens by default; 2^24 is far past any GPU's.
+MAX_BATCH_TOKENS = 1 << 24
+#: In-flight requests per instance, and inputs per client batch.
+MAX_REQUESTS = 1 << 16
+#: More restarts than this within one window is a crash loop, not a policy.
+MAX_RESTARTS = 10_000
+#: NVML numbers GPUs from 0; no machine has this many.
+MAX_GPU_ID = 1023
+#: The largest backoff growth factor; 2 is the usual one.
+MAX_FACTOR = 10.0
+
 #: 0 means "assign one", as in tei-manager.
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Positive = Annotated[int, msgspec.Meta(gt=0)]
-
-#: A day: longer start-up or stop budgets are a mistake, not a setting.
-MAX_SECONDS = 86400.0
+Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_TOKENS)]
+Requests = Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS)]
+#: Seconds, at most a day; NaN and infinities are refused by the bounds.
+Delay = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 
 #: Flags the manager sets itself; an instance may not override them.
 OWNED_FLAGS = frozenset(
@@ -67,6 +95,60 @@ _LONG_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 _NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\Z")
 
 
+@functools.cache
+def _numeric_bounds(kind: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    """The numeric fields of ``kind`` with their msgspec constraints."""
+    bounds = []
+    info = msgspec.inspect.type_info(kind)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for field in info.fields:
+        kind_of = field.type
+        options = kind_of.types if isinstance(kind_of, msgspec.inspect.UnionType) else (kind_of,)
+        for option in options:
+            if isinstance(option, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+                bounds.append((field.name, option))
+    return tuple(bounds)
+
+
+def check_bounds(struct: msgspec.Struct) -> None:
+    """Raise `ValueError` naming the field unless every number of ``struct``
+    is finite and within the bounds its type declares.
+
+    The bounds are the fields' ``msgspec.Meta``, which decoding checks by
+    itself; this applies the same ones to a Struct constructed in code, so
+    both paths refuse the same values."""
+    for name, bound in _numeric_bounds(type(struct)):
+        value = getattr(struct, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for limit, ok, word in (
+            (bound.ge, operator.ge, ">="),
+            (bound.gt, operator.gt, ">"),
+            (bound.le, operator.le, "<="),
+            (bound.lt, operator.lt, "<"),
+        ):
+            if limit is not None and not ok(value, limit):
+                shown = int(limit) if float(limit).is_integer() else limit
+                raise ValueError(f"{name} must be {word} {shown}, got {value!r}")
+
+
+class RestartBackoff(Backoff, frozen=True, forbid_unknown_fields=True):
+    """An instance's backoff: the supervisor's `Backoff` with bounds a user
+    can be held to. Each delay is at most a day, ``factor`` between 1 and 10,
+    ``initial`` at most ``maximum``."""
+
+    initial: Delay = 1.0
+    factor: Annotated[float, msgspec.Meta(ge=1, le=MAX_FACTOR)] = 2.0
+    maximum: Delay = 300.0
+    reset_after: Annotated[float, msgspec.Meta(ge=0, le=MAX_WINDOW_SECONDS)] = 600.0
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        super().__post_init__()
+
+
 class RestartPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """How an instance is restarted after it exits or stops answering.
 
@@ -78,13 +160,18 @@ class RestartPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omi
     """
 
     type: RestartType = RestartType.PERMANENT
-    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
-    window_secs: Annotated[float, msgspec.Meta(gt=0)] = 600.0
-    backoff: Backoff = Backoff(initial=1.0, factor=2.0, maximum=300.0, reset_after=600.0)
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=MAX_RESTARTS)] = 5
+    window_secs: Annotated[float, msgspec.Meta(gt=0, le=MAX_WINDOW_SECONDS)] = 600.0
+    #: A plain supervision `Backoff` given in code is held to the same bounds.
+    backoff: RestartBackoff = RestartBackoff()
 
     def __post_init__(self) -> None:
         # Constructing the intensity validates the pair the same way decoding does.
         self.intensity  # noqa: B018
+        check_bounds(self)
+        given: Backoff = self.backoff
+        if not isinstance(given, RestartBackoff):
+            RestartBackoff(**msgspec.structs.asdict(given))  # checks the bounds
 
     @property
     def intensity(self) -> Intensity:
@@ -105,17 +192,17 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     model_id: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     port: Port | None = None
     prometheus_port: Port | None = None
-    gpu_id: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    max_batch_tokens: Positive = 16384
-    max_concurrent_requests: Positive = 512
+    gpu_id: Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_ID)] | None = None
+    max_batch_tokens: Tokens = 16384
+    max_concurrent_requests: Requests = 512
     pooling: Pooling | None = None
     revision: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     dtype: Dtype | None = None
-    max_client_batch_size: Positive | None = None
+    max_client_batch_size: Requests | None = None
     auto_truncate: bool = False
     extra_args: list[str] = msgspec.field(default_factory=list)
     startup_timeout_secs: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = 600.0
-    stop_grace_secs: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 30.0
+    stop_grace_secs: Delay = 30.0
     #: None: the manager's default restart policy.
     restart: RestartPolicy | None = None
 
@@ -130,24 +217,8 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
         _check_model_id(self.model_id)
         if self.revision is not None:
             _check_revision(self.revision)
-        for field in ("port", "prometheus_port"):
-            value = getattr(self, field)
-            if value is not None and not 0 <= value <= 65535:
-                raise ValueError(f"{field} must be between 1 and 65535 (0: assign), got {value}")
-        if self.gpu_id is not None and self.gpu_id < 0:
-            raise ValueError(f"gpu_id must be >= 0, got {self.gpu_id}")
-        for field in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size"):
-            value = getattr(self, field)
-            if value is not None and value <= 0:
-                raise ValueError(f"{field} must be > 0, got {value}")
+        check_bounds(self)
         check_extra_args(self.extra_args)
-        for field, low in (("startup_timeout_secs", 0.0), ("stop_grace_secs", -1.0)):
-            value = getattr(self, field)
-            if not (low < value <= MAX_SECONDS):  # also refuses NaN
-                raise ValueError(
-                    f"{field} must be {'> 0' if low == 0 else '>= 0'} and at most "
-                    f"{MAX_SECONDS:g} seconds, got {value!r}"
-                )
 
 
 def _unsafe(text: str) -> bool:

@@ -19,13 +19,25 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ..instances.spec import InstanceSpec, RestartPolicy
+from ..instances.spec import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds
 from ..security import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
 
+#: An hour: the longest health-check interval or probe timeout that still
+#: notices a dead instance.
+MAX_PROBE_SECONDS = 3600.0
+#: Streams, instances and failure counts past these are typos.
+MAX_STREAMS = 1 << 20
+MAX_FAILURES = 1000
+
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+#: Positive seconds, at most a day (NaN and infinities fail the bounds).
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+#: Seconds where 0 means "none" or "at once", at most a day.
+OptionalSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+ProbeSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_PROBE_SECONDS)]
+MaxInstances = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
 class ConfigError(ValueError):
@@ -56,30 +68,30 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     grpc_max_message_size_mb: Annotated[int, msgspec.Meta(ge=1, le=1023)] = 40
     #: tei-manager's per-stream response buffer. Accepted so its configs load;
     #: teisup's streams are paced by HTTP/2 flow control instead.
-    grpc_max_parallel_streams: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    grpc_max_parallel_streams: Annotated[int, msgspec.Meta(ge=1, le=MAX_STREAMS)] = 1024
     #: Deadline of a data-plane call whose client sent none (0: none).
-    grpc_request_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    grpc_request_timeout_secs: OptionalSeconds = 30.0
     #: A stream with no message either way for this long ends (0: never).
-    grpc_stream_idle_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    grpc_stream_idle_timeout_secs: OptionalSeconds = 300.0
     #: How long a call waits for a free slot of a saturated instance
     #: (its max_concurrent_requests) before RESOURCE_EXHAUSTED.
-    grpc_queue_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    grpc_queue_timeout_secs: Annotated[float, msgspec.Meta(ge=0, le=MAX_PROBE_SECONDS)] = 1.0
     #: The address the REST API and the multiplexer listen on.
     bind_host: str = "0.0.0.0"
     state_file: str = msgspec.field(default_factory=default_state_file)
     #: Instance log files; default: ``logs/`` next to the state file.
     log_dir: str | None = None
     tei_binary_path: str | None = None
-    health_check_interval_secs: Seconds = 10.0
-    health_check_timeout_secs: Seconds = 5.0
-    max_failures_before_restart: Annotated[int, msgspec.Meta(ge=1)] = 3
+    health_check_interval_secs: ProbeSeconds = 10.0
+    health_check_timeout_secs: ProbeSeconds = 5.0
+    max_failures_before_restart: Annotated[int, msgspec.Meta(ge=1, le=MAX_FAILURES)] = 3
     #: Start-up budget of an instance: download, load and warm-up.
     startup_timeout_secs: Seconds = 600.0
     #: Grace between SIGTERM and SIGKILL when an instance stops.
-    graceful_shutdown_timeout_secs: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    graceful_shutdown_timeout_secs: OptionalSeconds = 30.0
     #: Bring instances back in their desired states at start-up.
     auto_restore_on_restart: bool = True
-    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_instances: MaxInstances | None = None
     instance_port_start: Port = 8080
     #: Exclusive, as in tei-manager.
     instance_port_end: Port = 8180
@@ -106,6 +118,8 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     instances: list[InstanceSpec] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # Decoding checks the fields' bounds itself; this covers construction in code.
+        check_bounds(self)
         problems = []
         if self.grpc_enabled and self.api_port == self.grpc_port:
             problems.append(f"api_port and grpc_port are both {self.api_port}")
@@ -227,7 +241,7 @@ def load_config(
             merged["tls"] = {**(merged.get("tls") or {}), **tls_env}
         return msgspec.convert(merged, ManagerConfig, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, path, source, from_env)) from None
+        raise ConfigError(_explain(exc, path, source, from_env, overrides or {})) from None
 
 
 class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -238,10 +252,10 @@ class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     grpc_enabled: bool | None = None
     state_file: str | None = None
     tei_binary_path: str | None = None
-    health_check_interval_secs: Seconds | None = None
+    health_check_interval_secs: ProbeSeconds | None = None
     log_dir: str | None = None
     bind_host: str | None = None
-    max_instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_instances: MaxInstances | None = None
     manager_id: str | None = None
     api_token: str | None = None
     api_token_file: str | None = None
@@ -352,6 +366,7 @@ def _explain(
     path: str | os.PathLike[str] | None,
     source: str,
     from_env: Mapping[str, str],
+    overrides: Mapping[str, Any],
 ) -> str:
     message = str(exc)
     keys: list[str | int] = []
@@ -362,6 +377,9 @@ def _explain(
         keys.append(m.group(1))
     top = keys[0] if keys else None
     env_names = [v for v, k in ENVIRONMENT.items() if k == top and k in from_env]
+    if isinstance(top, str) and top in overrides:
+        # Overrides are the command line's flags (--api-port for api_port).
+        return f"flag --{top.replace('_', '-')}: {message}"
     if env_names:
         return f"environment variable {env_names[0]}: {message}"
     if path is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,132 @@ def test_auth_settings_teisup_will_not_honour_are_refused(
 def test_a_disabled_auth_section_is_ignored_as_tei_manager_does(tmp_path: Path) -> None:
     text = TEI_MANAGER_MTLS.replace("enabled = true", "enabled = false")
     assert not load_config(write(tmp_path, text), environ={}).tls.enabled
+
+
+#: Every numeric key of the config: (key, just below its range, just above,
+#: the two ends). A port-range end above its start is set next to the key.
+CONFIG_BOUNDS: list[tuple[str, float, float, tuple[float, float]]] = [
+    ("api_port", 0, 65536, (1, 65535)),
+    ("grpc_port", 0, 65536, (1, 65535)),
+    ("grpc_max_message_size_mb", 0, 1024, (1, 1023)),
+    ("grpc_max_parallel_streams", 0, 2**20 + 1, (1, 2**20)),
+    ("grpc_request_timeout_secs", -0.5, 86400.5, (0, 86400)),
+    ("grpc_stream_idle_timeout_secs", -0.5, 86400.5, (0, 86400)),
+    ("grpc_queue_timeout_secs", -0.5, 3600.5, (0, 3600)),
+    ("health_check_interval_secs", 0, 3600.5, (0.001, 3600)),
+    ("health_check_timeout_secs", 0, 3600.5, (0.001, 3600)),
+    ("max_failures_before_restart", 0, 1001, (1, 1000)),
+    ("startup_timeout_secs", 0, 86400.5, (0.001, 86400)),
+    ("graceful_shutdown_timeout_secs", -0.5, 86400.5, (0, 86400)),
+    ("max_instances", 0, 65536, (1, 100)),
+    ("instance_port_start", 0, 65536, (1, 65534)),
+    ("instance_port_end", 0, 65536, (65535, 65535)),
+    ("prometheus_port_start", 0, 65536, (1, 65534)),
+    ("prometheus_port_end", 0, 65536, (65535, 65535)),
+]
+
+
+def _config_text(key: str, value: object) -> str:
+    # Keep the other settings consistent with the one under test.
+    context = {"api_port": 40000, "grpc_port": 40001}
+    if key in ("instance_port_start", "instance_port_end"):
+        context |= {"instance_port_start": 1, "instance_port_end": 65535}
+    if key in ("prometheus_port_start", "prometheus_port_end"):
+        context |= {"prometheus_port_start": 1, "prometheus_port_end": 65535}
+    context.pop(key, None)
+    lines = [f"{k} = {v}" for k, v in context.items()]
+    return "\n".join([*lines, f"{key} = {value}", ""])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(key, bad) for key, low, high, _ in CONFIG_BOUNDS for bad in (low, high)]
+    + [("max_instances", 2**70), ("grpc_max_parallel_streams", 2**40)]
+    + [
+        (key, bad)
+        for key in ("health_check_interval_secs", "grpc_request_timeout_secs")
+        for bad in ("nan", "inf", "-inf", 1e308)
+    ],
+)
+def test_a_number_outside_its_range_names_the_key_and_line(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    text = _config_text(key, value)
+    line = text.splitlines().index(f"{key} = {value}") + 1
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert f"teisup.toml, line {line}:" in str(caught.value)
+    assert f"$.{key}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(key, end) for key, _, _, ends in CONFIG_BOUNDS for end in ends]
+)
+def test_the_ends_of_each_config_range_are_accepted(tmp_path: Path, key: str, value: float) -> None:
+    config = load_config(write(tmp_path, _config_text(key, value)), environ={})
+    assert getattr(config, key) == value
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("default_restart", "max_restarts", 2**70),
+        ("default_restart", "window_secs", "inf"),
+        ("default_restart.backoff", "factor", 1e300),
+        ("default_restart.backoff", "initial", "nan"),
+        ("default_restart.backoff", "reset_after", 1e308),
+    ],
+)
+def test_the_default_restart_policy_is_bounded_too(
+    tmp_path: Path, section: str, key: str, value: object
+) -> None:
+    text = f"api_port = 9000\n[{section}]\n{key} = {value}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert "line 3:" in str(caught.value)
+    assert f"$.{section}.{key}" in str(caught.value)
+
+
+def test_a_seed_instance_is_bounded_too(tmp_path: Path) -> None:
+    text = '[[instances]]\nname = "a"\nmodel_id = "m"\nmax_concurrent_requests = 1099511627776\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert "line 4:" in str(caught.value)
+    assert "$.instances[0].max_concurrent_requests" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "nan"),
+        ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "inf"),
+        ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "1e308"),
+        ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "0"),
+        ("TEI_MANAGER_API_PORT", "65536"),
+        ("TEI_MANAGER_GRPC_PORT", "0"),
+        ("TEISUP_MAX_INSTANCES", "1180591620717411303424"),
+        ("TEISUP_MAX_INSTANCES", "0"),
+    ],
+)
+def test_an_environment_number_outside_its_range_names_the_variable(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^environment variable {variable}:"):
+        load_config(None, environ={variable: value})
+
+
+@pytest.mark.parametrize("kwargs", [{"health_check_timeout_secs": float("nan")},
+                                    {"max_instances": 2**70}, {"grpc_port": 70000}])  # fmt: skip
+def test_a_config_built_in_code_is_held_to_the_same_bounds(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ManagerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["--api-port", "--grpc-port"])
+def test_a_flag_outside_its_range_names_the_flag(flag: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "teisup", flag, "70000"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"flag {flag}: Expected `int` <= 65535" in done.stderr
