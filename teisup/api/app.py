@@ -35,8 +35,9 @@ from ..instances import (
 from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
 from ..supervision import ChildState, Supervisor, TransitionEvent
 from .dataplane import add_data_plane
+from .errors import Error
 from .jsonbody import JsonTooDeep, decode_json
-from .openapi import LogsResponse, openapi_document
+from .openapi import MAX_WAIT, LogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
 from .waiting import WaitVerdict, wait_verdict
@@ -45,8 +46,6 @@ __all__ = ["DURABLE_HEADER", "ApiError", "ControlPlane", "Durability", "create_a
 
 #: Request bodies larger than this are refused with 413.
 MAX_BODY_BYTES = 1 << 20
-#: The longest ``?wait=`` a client may ask for.
-MAX_WAIT = 900.0
 
 
 #: The response header of a lifecycle call: whether its change is on disk yet.
@@ -112,7 +111,7 @@ class ApiError(Exception):
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": message, "code": code, "timestamp": _now()}, status)
+    return _json(Error(message, code, _now()), status)
 
 
 def _applied(info: InstanceInfo | None, durable: bool, status: int = 200) -> Response:

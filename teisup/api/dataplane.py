@@ -39,6 +39,7 @@ from ..grpc.pool import unary
 from ..proto.tei.v1 import tei_pb2
 from ..proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from ..rpc import Channel
+from .errors import OpenAIError, OpenAIErrorDetail, TeiError
 from .jsonbody import JsonTooDeep, decode_json
 from .responses import json_response as _json
 from .responses import now as _now
@@ -117,18 +118,13 @@ class DataPlaneError(Exception):
         self.code = code
         self.message = message
 
-    def tei_body(self) -> dict[str, str]:
+    def tei_body(self) -> TeiError:
         """TEI's error fields and teisup's."""
-        return {
-            "error": self.message,
-            "error_type": self.error_type,
-            "code": self.code,
-            "timestamp": _now(),
-        }
+        return TeiError(self.message, self.error_type, self.code, _now())
 
-    def openai_body(self) -> dict[str, Any]:
+    def openai_body(self) -> OpenAIError:
         """OpenAI's error shape."""
-        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+        return OpenAIError(OpenAIErrorDetail(self.message, self.error_type, self.code))
 
     @classmethod
     def from_status(cls, exc: RpcFailedError) -> DataPlaneError:

@@ -15,8 +15,10 @@ import msgspec
 from .. import __version__
 from ..instances import GpuInfo, InstanceInfo, InstanceSpec
 from ..instances.logs import LogLine
-from ..supervision import TreeNode
+from ..instances.spec import NAME_PATTERN
+from ..supervision import ChildState, TreeNode
 from .dataplane import EmbedBody, OpenAIEmbeddingsBody, RerankBody, TokenizeBody
+from .errors import Error, OpenAIError, TeiError
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -32,17 +34,59 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _ERROR = {"description": "an error", **_json_body(_ref("Error"))}
-_NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+#: Instance names are what InstanceSpec allows; no other name can exist.
+_NAME = [
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": NAME_PATTERN},
+    }
+]
 _INSTANCE = {"description": "the instance", **_json_body(_ref("InstanceInfo"))}
+#: The longest ``?wait=`` (seconds); the app refuses more with 422.
+MAX_WAIT = 900.0
+_WAIT = [
+    {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "answer once the instance is in this state",
+        "schema": {"type": "string", "enum": [state.value for state in ChildState]},
+    },
+    {
+        "name": "timeout",
+        "in": "query",
+        "required": False,
+        "description": "seconds to wait (with wait); default 30",
+        "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT, "default": 30},
+    },
+]
 
-_DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("DataPlaneError"))}
+_DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("TeiError"))}
+_OPENAI_ERROR = {"description": "an OpenAI-style error", **_json_body(_ref("OpenAIError"))}
 _DATA_CODES = ("400", "404", "413", "422", "424", "429", "502", "503", "504")
 
 #: path -> method -> operation (without the generated parts).
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/health": {"get": {"summary": "Manager health and an aggregate over instances"}},
-    "/metrics": {"get": {"summary": "Prometheus metrics (text format)"}},
-    "/openapi.json": {"get": {"summary": "This document"}},
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (text format)",
+            "responses": {
+                "200": {
+                    "description": "the metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", **_json_body({"type": "object"})}},
+        }
+    },
     "/gpus": {
         "get": {
             "summary": "GPUs seen through NVML (empty without a driver)",
@@ -84,9 +128,21 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "/instances/{name}": {
         "get": {
-            "summary": "One instance",
-            "parameters": _NAME,
-            "responses": {"200": _INSTANCE, "404": _ERROR},
+            "summary": "One instance; with ?wait=, once it is in that state",
+            "description": (
+                "With `wait`, answers 200 once the instance is in that state; 409 "
+                "(STATE_UNREACHABLE) at once when it cannot get there without a call: it "
+                "is failed, or stopped on request; 404 if it is deleted meanwhile; 504 "
+                "(TIMEOUT) with its current state in the message after `timeout` seconds."
+            ),
+            "parameters": [*_NAME, *_WAIT],
+            "responses": {
+                "200": _INSTANCE,
+                "404": _ERROR,
+                "409": _ERROR,
+                "422": _ERROR,
+                "504": _ERROR,
+            },
         },
         "delete": {
             "summary": "Stop and forget an instance",
@@ -99,7 +155,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "post": {
                 "summary": f"{action.capitalize()} an instance (idempotent)",
                 "parameters": _NAME,
-                "responses": {"200": _INSTANCE, "404": _ERROR},
+                "responses": {"200": _INSTANCE, "404": _ERROR, "409": _ERROR},
             }
         }
         for action in ("start", "stop", "restart")
@@ -153,28 +209,11 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "requestBody": {"required": True, **_json_body(_ref("OpenAIEmbeddingsBody"))},
             "responses": {
                 "200": {"description": "OpenAI's embedding list"},
-                **{code: {"description": "an OpenAI-style error"} for code in _DATA_CODES},
+                **dict.fromkeys(_DATA_CODES, _OPENAI_ERROR),
             },
         }
     },
 }
-
-
-class Error(msgspec.Struct):
-    """Every error response."""
-
-    error: str
-    code: str
-    timestamp: str
-
-
-class DataPlaneError(msgspec.Struct):
-    """Errors of the TEI-style data-plane routes: TEI's fields and teisup's."""
-
-    error: str
-    error_type: str
-    code: str
-    timestamp: str
 
 
 class LogsResponse(msgspec.Struct):
@@ -194,7 +233,8 @@ def openapi_document() -> dict[str, Any]:
             TreeNode,
             Error,
             LogsResponse,
-            DataPlaneError,
+            TeiError,
+            OpenAIError,
             EmbedBody,
             RerankBody,
             TokenizeBody,
@@ -211,7 +251,7 @@ def openapi_document() -> dict[str, Any]:
             op["operationId"] = f"{method}_{slug or 'root'}"
             paths[path][method] = op
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "teisup control plane", "version": __version__},
         "paths": paths,
         "components": {"schemas": components},

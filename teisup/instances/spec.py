@@ -30,8 +30,11 @@ __all__ = [
     "spec_from_dict",
 ]
 
-# \Z, not $: "$" also matches before a final newline.
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}\Z"
+#: One regex for msgspec (Python) and the OpenAPI document (ECMAScript, no
+#: "\Z"): Python's "$" also matches before a final newline, which the
+#: lookahead refuses; in ECMAScript "$" is the end already.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}(?!\n)$"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 Dtype = Literal["float16", "float32", "bfloat16"]
@@ -209,7 +212,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     def __post_init__(self) -> None:
         # Meta constraints only run while decoding; construction in code is
         # checked here too, so both paths refuse the same values.
-        if not re.match(NAME_PATTERN, self.name):
+        if not _NAME.fullmatch(self.name):
             raise ValueError(
                 f"name {self.name!r} must match {NAME_PATTERN} (lower-case letters, digits, "
                 "'.', '_', '-'; at most 63 characters)"
