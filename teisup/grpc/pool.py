@@ -106,7 +106,8 @@ class _Connection:
 @dataclass(eq=False)
 class _Entry:
     limiter: trio.CapacityLimiter
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Set while one call opens the connection; the others wait on it.
+    connecting: trio.Event | None = None
     connection: _Connection | None = None
     waiting: int = 0
 
@@ -244,13 +245,19 @@ class BackendPool:
 
     async def _connection(self, entry: _Entry, instance: InstanceView) -> _Connection:
         key = (instance.pid, instance.port)
-        current = entry.connection
-        if current is not None and current.key == key and current.usable:
-            return current
-        async with entry.lock:
+        while True:
             current = entry.connection
             if current is not None and current.key == key and current.usable:
-                return current  # another call connected while we waited for the lock
+                return current
+            if entry.connecting is None:
+                break
+            # Another call is connecting: wait for it, all together. (A lock
+            # here woke its waiters one per scheduler pass, while later calls
+            # took the fast path above: in a first burst of 500 calls the
+            # last waiter got its connection some 25 s after the first.)
+            await entry.connecting.wait()
+        connecting = entry.connecting = trio.Event()
+        try:
             if current is not None:
                 # The instance restarted (new pid) or moved: the old process's
                 # connection serves nobody any more.
@@ -270,6 +277,10 @@ class BackendPool:
             entry.connection = connection
             self.connects += 1
             return connection
+        finally:
+            # Failed or not, the waiters look again (one of them may connect).
+            entry.connecting = None
+            connecting.set()
 
     async def _hold(
         self, connection: _Connection, port: int, *, task_status: trio.TaskStatus[None]
