@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..grpc import MultiplexerService
 from ..instances import (
+    Desired,
     GpuInfo,
     InstanceExists,
     InstanceInfo,
@@ -264,7 +265,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         by_state: dict[str, int] = {}
         for info in infos:
             by_state[info.status] = by_state.get(info.status, 0) + 1
-        wanted = [i for i in infos if i.desired == "running"]
+        wanted = [i for i in infos if i.desired is Desired.RUNNING]
         up = [i for i in wanted if i.status == "running"]
         if not wanted or len(up) == len(wanted):
             aggregate = "healthy"
@@ -348,7 +349,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             raise ApiError(
                 409,
                 "STATE_UNREACHABLE",
-                f"instance {name!r} is {info.status} (desired {info.desired}) and cannot "
+                f"instance {name!r} is {info.status} (desired {info.desired.value}) and cannot "
                 f"become {wanted.value} without a call such as start",
             )
         if verdict is WaitVerdict.PENDING:

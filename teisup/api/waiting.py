@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 
+from ..instances import Desired
 from ..supervision import ChildState
 
 __all__ = ["WaitVerdict", "wait_verdict"]
@@ -25,9 +26,9 @@ class WaitVerdict(enum.Enum):
     UNREACHABLE = "unreachable"
 
 
-def wait_verdict(current: ChildState, desired: str, wanted: ChildState) -> WaitVerdict:
+def wait_verdict(current: ChildState, desired: Desired, wanted: ChildState) -> WaitVerdict:
     """The verdict for an instance in ``current`` whose user last asked for
-    ``desired`` (``"running"`` or ``"stopped"``), awaited in ``wanted``.
+    ``desired``, awaited in ``wanted``.
 
     At rest without a call: ``failed`` (its restarts are spent; it stays until
     started), and ``stopped`` when the user stopped it. A ``stopped`` instance
@@ -39,6 +40,6 @@ def wait_verdict(current: ChildState, desired: str, wanted: ChildState) -> WaitV
         return WaitVerdict.REACHED
     if current is ChildState.FAILED:
         return WaitVerdict.UNREACHABLE
-    if current is ChildState.STOPPED and desired == "stopped":
+    if current is ChildState.STOPPED and desired is Desired.STOPPED:
         return WaitVerdict.UNREACHABLE
     return WaitVerdict.PENDING

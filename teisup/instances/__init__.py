@@ -5,14 +5,18 @@ supervised worker; `spec`, `launch`, `health` are pure; `process`, `ports`,
 `gpus`, `logs` are the thin I/O edges (each with a seam for tests).
 """
 
+from .exits import ExitCause, InstanceExit
 from .gpus import FakeNvml, GpuInfo, InvalidGpuId, NvmlReader, PynvmlReader, validate_gpu_id
 from .health import HealthPolicy, HealthSettings, Verdict
+from .identity import PortOwner
 from .logs import InstanceLog, LogLine
 from .manager import (
+    Desired,
     InstanceExists,
     InstanceInfo,
     InstanceManager,
     InstanceNotFound,
+    InstanceRecord,
     LauncherError,
     MaxInstancesReached,
     resolve_launcher,
@@ -23,15 +27,19 @@ from .runner import InstanceRunner, Probe, RunStatus
 from .spec import InstanceSpec, RestartPolicy, spec_from_dict
 
 __all__ = [
+    "Desired",
+    "ExitCause",
     "FakeNvml",
     "GpuInfo",
     "HealthPolicy",
     "HealthSettings",
     "InstanceExists",
+    "InstanceExit",
     "InstanceInfo",
     "InstanceLog",
     "InstanceManager",
     "InstanceNotFound",
+    "InstanceRecord",
     "InstanceRunner",
     "InstanceSpec",
     "InvalidGpuId",
@@ -40,6 +48,7 @@ __all__ = [
     "MaxInstancesReached",
     "NvmlReader",
     "PortAllocator",
+    "PortOwner",
     "PortError",
     "PortRange",
     "PortRangeExhausted",

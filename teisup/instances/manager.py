@@ -8,12 +8,18 @@ REST control plane and the gRPC multiplexer talk to it, never to processes.
 An instance's state is its supervised child's state (`ChildState`: stopped,
 starting, running, unhealthy, backoff, stopping, failed), so every transition
 goes through the supervision core's transition hook.
+
+The manager, not the supervisor, is the record of which instances exist and
+what each should be doing (`Desired`): a restarted ``instances`` supervisor
+starts empty, as in OTP, and `InstanceManager.keep_children` starts again
+every instance that should be running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import logging
 import os
 import shutil
@@ -28,28 +34,35 @@ import msgspec
 import trio
 
 from ..supervision import (
+    ChildContext,
     ChildSpec,
     ChildState,
     ExitReason,
     RestartType,
     Supervisor,
+    SupervisorNotRunning,
     TreeNode,
 )
 from ..supervision.errors import UnknownChildError
+from .exits import InstanceExit
 from .gpus import NvmlReader, validate_gpu_id
 from .health import HealthSettings
+from .identity import PortOwnerCheck, proc_port_owner
 from .launch import INSTANCE_MARKER, MANAGER_MARKER
 from .logs import InstanceLog, LogLine
-from .ports import PortAllocator, Ports
+from .ports import PortAllocator, PortError, Ports
+from .probe import served_model_id
 from .process import ProcessSpawner, reap_adopted_orphans, sweep_leftovers
-from .runner import InstanceRunner, Probe, ProbeListener, RunStatus
+from .runner import InstanceRunner, ModelCheck, Probe, ProbeListener, RunStatus
 from .spec import InstanceSpec, RestartPolicy
 
 __all__ = [
+    "Desired",
     "InstanceExists",
     "InstanceInfo",
     "InstanceManager",
     "InstanceNotFound",
+    "InstanceRecord",
     "LauncherError",
     "MaxInstancesReached",
     "resolve_launcher",
@@ -74,6 +87,24 @@ class MaxInstancesReached(ValueError):
     """The manager already holds ``max_instances`` instances."""
 
 
+class Desired(enum.Enum):
+    """What the user asked of an instance last (its value is the state file's)."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class InstanceRecord(msgspec.Struct, frozen=True):
+    """What a state snapshot keeps of one instance."""
+
+    spec: InstanceSpec
+    ports: Ports
+    created_at: str
+    desired: Desired
+    #: Restarts so far, across manager restarts.
+    restarts: int
+
+
 class InstanceInfo(msgspec.Struct, frozen=True):
     """One instance as the API shows it (tei-manager's fields, then ours)."""
 
@@ -94,7 +125,7 @@ class InstanceInfo(msgspec.Struct, frozen=True):
     next_restart_in: float | None
     last_exit: ExitReason | None
     last_error: str | None
-    desired: str
+    desired: Desired
     spec: InstanceSpec
 
 
@@ -105,9 +136,9 @@ class _Instance:
     log: InstanceLog
     created_at: str
     status: RunStatus = field(default_factory=RunStatus)
-    #: What the user asked for last: "running" or "stopped". Restored after a
-    #: manager restart; a failed instance still wants to run.
-    desired: str = "running"
+    #: What the user asked for last. Restored after a manager restart; a
+    #: failed instance still wants to run.
+    desired: Desired = Desired.RUNNING
     #: Restarts before the current manager process (from the state file).
     earlier_restarts: int = 0
 
@@ -192,6 +223,8 @@ class InstanceManager:
         base_env: Mapping[str, str] | None = None,
         default_restart: RestartPolicy | None = None,
         on_probe: ProbeListener | None = None,
+        port_owner: PortOwnerCheck = proc_port_owner,
+        model_check: ModelCheck | None = served_model_id,
     ) -> None:
         self.launcher = list(launcher)
         self.manager_id = manager_id
@@ -205,6 +238,8 @@ class InstanceManager:
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.default_restart = default_restart or RestartPolicy()
         self.on_probe = on_probe
+        self.port_owner = port_owner
+        self.model_check = model_check
         self.supervisor = Supervisor("instances", intensity=None, max_children=max_instances)
         self._instances: dict[str, _Instance] = {}
         # Lifecycle calls are serial and run to completion even if their caller
@@ -242,7 +277,7 @@ class InstanceManager:
         ports = self.ports.allocate(spec.name, spec.port or None, spec.prometheus_port or None)
         log = InstanceLog(spec.name, directory=self.log_dir)
         created = _rfc3339(time.time())
-        desired = "running" if start else "stopped"
+        desired = Desired.RUNNING if start else Desired.STOPPED
         self._instances[spec.name] = _Instance(spec, ports, log, created, desired=desired)
         if start:
             try:
@@ -262,7 +297,7 @@ class InstanceManager:
 
     async def _start(self, name: str) -> InstanceInfo:
         instance = self._require(name)
-        instance.desired = "running"
+        instance.desired = Desired.RUNNING
         state = self._state(name)
         if state is None:
             instance.status.start_requested = True
@@ -276,7 +311,7 @@ class InstanceManager:
     async def stop(self, name: str) -> InstanceInfo:
         """Stop an instance (SIGTERM, grace, SIGKILL); a no-op if it is stopped."""
         async with self._serial():
-            self._require(name).desired = "stopped"
+            self._require(name).desired = Desired.STOPPED
             if self._state(name) is not None:
                 await self.supervisor.terminate_child(name)
             return self.get(name)
@@ -285,7 +320,7 @@ class InstanceManager:
         """Stop the instance if it runs, then start it with a clean history."""
         async with self._serial():
             instance = self._require(name)
-            instance.desired = "running"
+            instance.desired = Desired.RUNNING
             instance.status.start_requested = True
             if self._state(name) is None:
                 await self.supervisor.start_child(self._child_spec(instance))
@@ -306,18 +341,24 @@ class InstanceManager:
         port: int | None,
         prometheus_port: int | None,
         created_at: str | None,
-        desired: str,
+        desired: Desired,
         restarts: int = 0,
     ) -> None:
         """Take back an instance from a state snapshot, keeping its ports.
 
-        Nothing starts here: call `start` for the ones whose ``desired`` is
-        running (the service does, in the background).
+        ``port`` / ``prometheus_port`` are the ports it had; ``spec``'s own
+        say whether the user chose them (set) or the manager did (None). A
+        port the manager chose that another process has taken meanwhile is
+        replaced by a fresh one (logged); one the user chose is kept.
+
+        Nothing starts here: `keep_children` starts the ones whose
+        ``desired`` is running.
         """
         if spec.name in self._instances:
             raise InstanceExists(f"instance {spec.name!r} already exists")
         if port is not None and prometheus_port is not None:
             ports = self.ports.reserve(spec.name, port, prometheus_port)
+            ports = self._replace_taken(spec, ports)
         else:
             ports = self.ports.allocate(spec.name, port, prometheus_port)
         log = InstanceLog(spec.name, directory=self.log_dir)
@@ -330,16 +371,84 @@ class InstanceManager:
             earlier_restarts=restarts,
         )
 
-    def desired_state(self, name: str) -> str:
+    def _replace_taken(self, spec: InstanceSpec, ports: Ports) -> Ports:
+        """``ports``, with the automatically assigned ones that are taken replaced."""
+        port_taken = not self.ports.bindable(ports.port)
+        prometheus_taken = not self.ports.bindable(ports.prometheus_port)
+        move_port = port_taken and spec.port is None
+        move_prometheus = prometheus_taken and spec.prometheus_port is None
+        if port_taken and not move_port:
+            logger.warning(
+                "instance %s: its port %d is taken by another process; it was set for this "
+                "instance, so it is kept, and the instance cannot start until it is free",
+                spec.name,
+                ports.port,
+            )
+        if not (move_port or move_prometheus):
+            return ports
+        try:
+            fresh = self.ports.reassign(spec.name, port=move_port, prometheus_port=move_prometheus)
+        except PortError as exc:
+            logger.error("instance %s: its saved ports are taken: %s", spec.name, exc)
+            return ports
+        logger.warning(
+            "instance %s: saved ports %d/%d are taken by another process; it gets %d/%d",
+            spec.name,
+            ports.port,
+            ports.prometheus_port,
+            fresh.port,
+            fresh.prometheus_port,
+        )
+        return fresh
+
+    def desired_state(self, name: str) -> Desired:
+        """What the user last asked of the instance."""
         return self._require(name).desired
 
-    def records(self) -> list[tuple[InstanceSpec, Ports, str, str, int]]:
-        """Per instance, what a snapshot keeps: spec, ports, created_at,
-        desired state, restarts so far."""
+    def records(self) -> list[InstanceRecord]:
+        """Per instance (by name), what a snapshot keeps."""
         return [
-            (i.spec, i.ports, i.created_at, i.desired, i.restarts)
+            InstanceRecord(i.spec, i.ports, i.created_at, i.desired, i.restarts)
             for _, i in sorted(self._instances.items())
         ]
+
+    def last_exit_cause(self, name: str) -> InstanceExit | None:
+        """How the instance's last run ended (None if it has not ended one, or is gone)."""
+        instance = self._instances.get(name)
+        return instance.status.last_exit if instance is not None else None
+
+    async def keep_children(self, ctx: ChildContext) -> None:
+        """A worker that keeps the supervisor's children in line with `Desired`.
+
+        At once, and again whenever the ``instances`` supervisor (re)starts,
+        every instance that should run and has no child is started: restored
+        instances at start-up, and all of them after the supervisor was
+        restarted, which brings it back empty. Run it in the same tree, after
+        `supervisor`; stopped instances stay stopped.
+        """
+        with self.supervisor.events.subscribe() as events:
+            ctx.started()
+            await self._bring_back()
+            async for event in events:
+                if event.child_id == self.supervisor.id and event.new is ChildState.RUNNING:
+                    await self._bring_back()
+
+    async def _bring_back(self) -> None:
+        for name in self.names():
+            async with self._serial():
+                instance = self._instances.get(name)
+                if (
+                    instance is None
+                    or instance.desired is not Desired.RUNNING
+                    or self._state(name) is not None
+                ):
+                    continue
+                try:
+                    await self._start(name)
+                except SupervisorNotRunning:
+                    return  # stopping, or restarting: the next RUNNING brings it back
+                except Exception as exc:  # one bad instance must not stop the others
+                    logger.error("cannot start instance %r: %s", name, exc)
 
     async def _forget(self, name: str) -> None:
         if self._state(name) is not None:
@@ -389,7 +498,13 @@ class InstanceManager:
             restart_policy=self.restart_policy(name).type.value,
             restarts_in_window=node.restarts_in_window if node else 0,
             next_restart_in=node.next_restart_in if node else None,
-            last_exit=node.last_exit if node and node.last_exit else status.last_exit,
+            last_exit=(
+                node.last_exit
+                if node and node.last_exit
+                else status.last_exit.reason()
+                if status.last_exit
+                else None
+            ),
             last_error=status.last_error or None,
             desired=instance.desired,
             spec=spec,
@@ -459,6 +574,9 @@ class InstanceManager:
             base_env=self.base_env,
             status=instance.status,
             on_probe=self.on_probe,
+            port_owner=self.port_owner,
+            model_check=self.model_check,
+            reassign=lambda: self._reassign(instance),
         )
         policy = spec.restart or self.default_restart
         return ChildSpec(
@@ -470,3 +588,20 @@ class InstanceManager:
             intensity=policy.intensity,
             await_ready=False,
         )
+
+    def _reassign(self, instance: _Instance) -> Ports | None:
+        """Fresh ports for an instance whose port is taken; None if the user set it.
+
+        Raises `PortError` when no other port is free.
+        """
+        spec = instance.spec
+        if spec.port is not None:
+            return None
+        fresh = self.ports.reassign(
+            spec.name,
+            port=True,
+            prometheus_port=spec.prometheus_port is None
+            and not self.ports.bindable(instance.ports.prometheus_port),
+        )
+        instance.ports = fresh
+        return fresh

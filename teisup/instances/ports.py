@@ -30,15 +30,19 @@ Decisions, and why:
   TEI too; without the option a recently deleted instance's port would look
   busy for about a minute. Any listener still fails the probe.
 - A probe is only a snapshot: another process may take the port before TEI
-  binds it. TEI then exits with "Address already in use", which the
-  supervisor handles like any other crash.
+  binds it. TEI then exits with "Address already in use" (or the runner sees
+  the stranger listening there first), and `PortAllocator.reassign` gives an
+  automatically assigned port a fresh one for the next run.
+- **Restored ports** (from the state file) are checked too: an automatically
+  assigned one that is taken by then is replaced (`reassign`); one the user
+  set is kept, and its start fails naming it.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import NamedTuple
 
 import msgspec
@@ -221,16 +225,45 @@ class PortAllocator:
                     prometheus_port, "it is also the instance port", kind="prometheus port"
                 )
         if port is None:
-            port = self._next_free("port", self.instance_ports, avoid=prometheus_port)
+            port = self._next_free("port", self.instance_ports, avoid={prometheus_port})
         if prometheus_port is None:
-            prometheus_port = self._next_free("prometheus port", self.prometheus_ports, avoid=port)
+            prometheus_port = self._next_free(
+                "prometheus port", self.prometheus_ports, avoid={port}
+            )
         return self._record(name, Ports(port, prometheus_port))
+
+    def bindable(self, port: int) -> bool:
+        """Whether an instance could bind ``port`` right now (the bind probe)."""
+        return self._is_bindable(self.host, port)
+
+    def reassign(self, name: str, *, port: bool = True, prometheus_port: bool = False) -> Ports:
+        """Give ``name`` fresh ports in place of the ones it holds (which are taken).
+
+        ``port`` / ``prometheus_port`` say which to replace; the new one is the
+        next free port of its range, never the one replaced. Raises
+        `PortRangeExhausted` (keeping the old ports) or `PortError` if ``name``
+        holds none.
+        """
+        old = self._holders.get(name)
+        if old is None:
+            raise PortError(f"instance {name!r} holds no ports")
+        new_port, new_prometheus = old
+        # The old ports are still recorded as held, so the search skips them.
+        if port:
+            new_port = self._next_free("port", self.instance_ports, avoid=set(old))
+        if prometheus_port:
+            new_prometheus = self._next_free(
+                "prometheus port", self.prometheus_ports, avoid={*old, new_port}
+            )
+        self.release(name)
+        return self._record(name, Ports(new_port, new_prometheus))
 
     def reserve(self, name: str, port: int, prometheus_port: int) -> Ports:
         """Record ports ``name`` already has, e.g. restored from the state file.
 
         Checks the holders and the reserved ports but not the bind probe: the
-        instance's process may be the one bound to them.
+        caller asks `bindable` and decides (the manager gives an automatically
+        assigned port that is taken a fresh one with `reassign`).
         """
         self._check_new_holder(name)
         self._check_explicit(port, "port", probe=False)
@@ -274,10 +307,10 @@ class PortAllocator:
             return f"reserved ({what})"
         return None
 
-    def _next_free(self, kind: str, port_range: PortRange, *, avoid: int | None) -> int:
+    def _next_free(self, kind: str, port_range: PortRange, *, avoid: Collection[int | None]) -> int:
         for candidate in port_range.from_cursor(self._cursors[kind]):
             if (
-                candidate != avoid
+                candidate not in avoid
                 and self._why_taken(candidate) is None
                 and self._is_bindable(self.host, candidate)
             ):

@@ -9,15 +9,28 @@ it until ready (reporting ``ctx.started``), keeps probing while it runs
   (with the last log lines, so a model that fails to load says why);
 * the supervisor asks it to stop: SIGTERM to the group, the grace period,
   then SIGKILL to the group;
-* too many failed probes, or no readiness within the start-up budget: the
-  group is killed and the run ends abnormally, so the restart policy decides;
+* too many failed probes, no readiness within the start-up budget, or a
+  stranger on its port: the group is killed and the run ends abnormally, so
+  the restart policy decides;
 * cancellation: the group is SIGKILLed before the task goes.
+
+Each way is an `InstanceExit` with its `ExitCause`, kept in `RunStatus`.
+
+**Ready means ours.** A probe that answers counts only when the listener on
+the port belongs to the instance's process group (`identity`), or, where the
+kernel's tables cannot be read, when the server answering says it serves the
+instance's model. A stranger seen listening on the port while the instance
+starts ends the run at once (`ExitCause.PORT_TAKEN`), as does the process's
+own "Address already in use": the manager then gives an automatically
+assigned port a fresh one before the next run (`reassign`); a port the user
+set stays, and the exit names it.
 
 The restart decision itself is the supervisor's (`teisup.supervision`).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -27,17 +40,30 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from ..supervision import ChildContext, ExitReason
+from .exits import ExitCause, InstanceExit
 from .health import HealthPolicy, HealthSettings, Verdict
+from .identity import PortOwner, PortOwnerCheck, proc_port_owner
 from .launch import INSTANCE_HOST, build_argv, build_env
 from .logs import InstanceLog, LogLine, is_ready_line, pump
-from .ports import Ports
+from .ports import PortError, Ports
 from .process import ProcessSpawner, kill_group, wait_for_exit
 from .spec import InstanceSpec
 
-__all__ = ["InstanceRunner", "Probe", "ProbeListener", "RunStatus", "describe_exit"]
+__all__ = [
+    "InstanceRunner",
+    "ModelCheck",
+    "Probe",
+    "ProbeListener",
+    "Reassign",
+    "RunStatus",
+    "Wake",
+    "describe_exit",
+    "says_port_taken",
+]
 
 logger = logging.getLogger("teisup.instances")
 
@@ -45,6 +71,35 @@ logger = logging.getLogger("teisup.instances")
 Probe = Callable[[str, int, float], Awaitable[str | None]]
 #: ``listener(instance, seconds, ok, was_ready)``, called after every probe.
 ProbeListener = Callable[[str, float, bool, bool], None]
+#: ``check(host, port, timeout)`` -> the model id the server there says it
+#: serves, or None when it does not answer. The identity check where the
+#: kernel's socket tables cannot be read.
+ModelCheck = Callable[[str, int, float], Awaitable[str | None]]
+#: Called when a run ended because its port is taken: the instance's new
+#: ports, or None when its port was set by the user and must not change;
+#: raises `PortError` when no other port is free.
+Reassign = Callable[[], Ports | None]
+
+
+class Wake(enum.Enum):
+    """What woke the runner's main loop before its next probe was due."""
+
+    #: The process logged its ``Ready`` line: probe at once.
+    READY_LINE = "ready-line"
+    #: The process exited.
+    EXIT = "exit"
+    #: The supervisor asked the instance to stop.
+    STOP = "stop"
+
+
+#: What a process that could not bind its port prints (TEI via Rust's io
+#: error, the embedded backend and the test double via Python's OSError).
+_ADDRESS_IN_USE = ("Address already in use", "os error 98", "[Errno 98]", "EADDRINUSE")
+
+
+def says_port_taken(text: str) -> bool:
+    """Whether a process's last words say it could not bind a port in use."""
+    return any(marker in text for marker in _ADDRESS_IN_USE)
 
 
 @dataclass
@@ -61,23 +116,12 @@ class RunStatus:
     last_error: str = ""
     #: How the last run ended (kept here too: a temporary instance's child
     #: record disappears from the supervisor when it exits).
-    last_exit: ExitReason | None = None
+    last_exit: InstanceExit | None = None
 
 
-def describe_exit(returncode: int, log: InstanceLog) -> ExitReason:
-    """An `ExitReason` for a process that exited by itself, with its last words."""
-    if returncode == 0:
-        return ExitReason.normal("exited with code 0")
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        what = f"killed by {name}"
-    else:
-        what = f"exited with code {returncode}"
-    last = last_words(log)
-    return ExitReason.abnormal(f"{what}; last output: {last}" if last else what)
+def describe_exit(returncode: int, log: InstanceLog) -> InstanceExit:
+    """How a process that exited by itself ended, with its last words."""
+    return InstanceExit.of_returncode(returncode, last_words(log) if returncode else "")
 
 
 def last_words(log: InstanceLog, lines: int = 3) -> str:
@@ -122,8 +166,13 @@ class InstanceRunner:
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] | None = None,
         on_probe: ProbeListener | None = None,
+        port_owner: PortOwnerCheck = proc_port_owner,
+        model_check: ModelCheck | None = None,
+        reassign: Reassign | None = None,
     ) -> None:
         self.spec = spec
+        #: The ports of the next (or current) run; `reassign` may change them
+        #: between runs.
         self.ports = ports
         self.launcher = list(launcher)
         self.spawner = spawner
@@ -136,6 +185,9 @@ class InstanceRunner:
         self._clock = clock
         self._wall_clock = wall_clock or time.time
         self._on_probe = on_probe
+        self._port_owner = port_owner
+        self._model_check = model_check
+        self._reassign = reassign
 
     async def __call__(self, ctx: ChildContext) -> ExitReason:
         spec, ports = self.spec, self.ports
@@ -149,23 +201,53 @@ class InstanceRunner:
         try:
             process = await self.spawner.spawn(argv, env)
         except OSError as exc:
-            raise RuntimeError(f"cannot start {argv[0]!r}: {exc}") from exc
+            detail = f"cannot start {argv[0]!r}: {exc}"
+            self.status.last_exit = InstanceExit(ExitCause.SPAWN_FAILED, detail)
+            raise RuntimeError(detail) from exc
         self.status.pid = process.pid
         ctx.report_pid(process.pid)
         logger.info("instance %s: started pid %d: %s", spec.name, process.pid, " ".join(argv))
-        exit: ExitReason | None = None
+        exit: InstanceExit | None = None
         try:
             exit = await self._supervise(ctx, process)
-            return exit
+            if exit.cause is ExitCause.PORT_TAKEN:
+                exit = self._move_port(exit)
+            return exit.reason()
         finally:
             with trio.CancelScope(shield=True):
                 await self._make_sure_it_is_gone(process)
             self.status.pid = None
             self.status.last_error = ""
-            self.status.last_exit = exit or ExitReason.shutdown("cancelled")
+            self.status.last_exit = exit or InstanceExit(ExitCause.CANCELLED, "cancelled")
 
-    async def _supervise(self, ctx: ChildContext, process: subprocess.Popen[bytes]) -> ExitReason:
-        wake_send, wake = trio.open_memory_channel[str](math.inf)
+    def _move_port(self, exit: InstanceExit) -> InstanceExit:
+        """A fresh port for the next run, unless the user chose this one."""
+        old = self.ports.port
+        try:
+            fresh = self._reassign() if self._reassign is not None else None
+        except PortError as exc:
+            detail = f"{exit.detail}; no other port is free: {exc}"
+            logger.error("instance %s: %s", self.spec.name, detail)
+            return msgspec.structs.replace(exit, detail=detail)
+        if fresh is None:
+            detail = (
+                f"{exit.detail}; port {old} was set for this instance, so it is kept: "
+                "free it, or give the instance another port"
+            )
+            logger.error("instance %s: %s", self.spec.name, detail)
+            return msgspec.structs.replace(exit, detail=detail)
+        self.ports = fresh
+        detail = f"{exit.detail}; the next run gets port {fresh.port}"
+        logger.warning(
+            "instance %s: port %d is taken by another process; moving to port %d",
+            self.spec.name,
+            old,
+            fresh.port,
+        )
+        return msgspec.structs.replace(exit, detail=detail)
+
+    async def _supervise(self, ctx: ChildContext, process: subprocess.Popen[bytes]) -> InstanceExit:
+        wake_send, wake = trio.open_memory_channel[Wake](math.inf)
         exited = trio.Event()
         returncode: int | None = None
         streams = []
@@ -176,7 +258,7 @@ class InstanceRunner:
 
         def on_line(line: LogLine) -> None:
             if is_ready_line(line):
-                wake_send.send_nowait("ready-line")
+                wake_send.send_nowait(Wake.READY_LINE)
 
         async def watch_exit() -> None:
             nonlocal returncode
@@ -186,11 +268,11 @@ class InstanceRunner:
                 process, before_reap=lambda: kill_group(process.pid, signal.SIGKILL)
             )
             exited.set()
-            wake_send.send_nowait("exit")
+            wake_send.send_nowait(Wake.EXIT)
 
         async def watch_stop() -> None:
             await ctx.wait_stop_requested()
-            wake_send.send_nowait("stop")
+            wake_send.send_nowait(Wake.STOP)
 
         async with trio.open_nursery() as nursery:
             for stream, name in zip(streams, ("stdout", "stderr"), strict=True):
@@ -201,8 +283,24 @@ class InstanceRunner:
             nursery.cancel_scope.cancel()
         if result is None:  # the process exited by itself
             assert returncode is not None
-            return describe_exit(returncode, self.log)
+            return self._exited(returncode, process.pid)
         return result
+
+    def _exited(self, returncode: int, pid: int) -> InstanceExit:
+        exit = describe_exit(returncode, self.log)
+        if exit.cause is not ExitCause.CRASHED:
+            return exit
+        port = self.ports.port
+        # Our group is gone by now, so any listener on the port is a stranger's.
+        stranger = self._port_owner(port, pid) is PortOwner.STRANGER
+        if stranger or says_port_taken(last_words(self.log, 10)):
+            return InstanceExit(
+                ExitCause.PORT_TAKEN,
+                f"port {port} is taken by another process ({exit.detail})",
+                status=exit.status,
+                port=port,
+            )
+        return exit
 
     async def _pump(
         self, stream: trio.lowlevel.FdStream, name: str, on_line: Callable[[LogLine], None]
@@ -210,13 +308,38 @@ class InstanceRunner:
         async with stream:
             await pump(stream, self.log, name, on_line=on_line)  # type: ignore[arg-type]
 
+    async def _identify(self, pid: int, answered: bool) -> tuple[bool, str | None]:
+        """Whether a stranger holds the port, and why the port is not ours (None if it is).
+
+        ``answered``: whether the health probe just answered. A stranger
+        listening on the port is reported whatever the probe said.
+        """
+        port = self.ports.port
+        owner = self._port_owner(port, pid)
+        if owner is PortOwner.STRANGER:
+            return True, f"port {port} is held by another process, not by this instance"
+        if not answered or owner is PortOwner.OURS:
+            return False, None
+        if owner is PortOwner.NOBODY:  # it closed between the probe and the look
+            return False, f"nothing of this instance listens on port {port}"
+        # UNKNOWN: the kernel's tables cannot be read; the server must say it
+        # serves this instance's model.
+        if self._model_check is None:
+            return False, None
+        served = await self._model_check(INSTANCE_HOST, port, self.health.timeout)
+        if served is None:
+            return False, f"the server on port {port} does not say which model it serves"
+        if served != self.spec.model_id:
+            return True, f"port {port} is held by another server (it serves {served!r})"
+        return False, None
+
     async def _lifetime(
         self,
         ctx: ChildContext,
         process: subprocess.Popen[bytes],
         exited: trio.Event,
-        wake: trio.MemoryReceiveChannel[str],
-    ) -> ExitReason | None:
+        wake: trio.MemoryReceiveChannel[Wake],
+    ) -> InstanceExit | None:
         """Probe and wait until the run ends; None when the process exited."""
         spec = self.spec
         policy = HealthPolicy(
@@ -231,7 +354,7 @@ class InstanceRunner:
                 return None
             if _stopping(ctx):
                 return await self._stop(process, exited)
-            if reason == "ready-line" and policy.ready:
+            if reason is Wake.READY_LINE and policy.ready:
                 continue  # a stray Ready line after readiness changes nothing
             began = time.perf_counter()
             error = await self.probe(INSTANCE_HOST, self.ports.port, self.health.timeout)
@@ -241,6 +364,15 @@ class InstanceRunner:
                 return None
             if _stopping(ctx):  # asked to stop while the probe ran: that wins
                 return await self._stop(process, exited)
+            stranger, not_ours = await self._identify(process.pid, error is None)
+            if exited.is_set():
+                return None
+            if stranger and not policy.ready:
+                # It cannot bind a port someone else holds: no use waiting.
+                assert not_ours is not None
+                await self._kill(process, exited)
+                return InstanceExit(ExitCause.PORT_TAKEN, not_ours, port=self.ports.port)
+            error = error or not_ours
             now = self._clock()
             verdict = policy.on_probe(error is None, now, error or "")
             next_probe = now + policy.next_probe_after()
@@ -261,33 +393,35 @@ class InstanceRunner:
                 )
             elif verdict is Verdict.RESTART:
                 await self._kill(process, exited)
-                return ExitReason.abnormal(
+                return InstanceExit(
+                    ExitCause.UNHEALTHY,
                     f"unhealthy: {policy.consecutive_failures} consecutive health checks "
-                    f"failed; last: {error}"
+                    f"failed; last: {error}",
                 )
             elif verdict is Verdict.STARTUP_TIMEOUT:
                 await self._kill(process, exited)
                 tail = last_words(self.log)
-                return ExitReason.abnormal(
+                return InstanceExit(
+                    ExitCause.STARTUP_TIMEOUT,
                     f"not ready within {spec.startup_timeout_secs:g}s (last probe: {error})"
-                    + (f"; last output: {tail}" if tail else "")
+                    + (f"; last output: {tail}" if tail else ""),
                 )
 
-    async def _stop(self, process: subprocess.Popen[bytes], exited: trio.Event) -> ExitReason:
+    async def _stop(self, process: subprocess.Popen[bytes], exited: trio.Event) -> InstanceExit:
         kill_group(process.pid, signal.SIGTERM)
         # A stopped (SIGSTOP) process acts on SIGTERM only once continued.
         kill_group(process.pid, signal.SIGCONT)
         with trio.move_on_after(self.spec.stop_grace_secs):
             await exited.wait()
         if exited.is_set():
-            return ExitReason.shutdown("stopped")
+            return InstanceExit(ExitCause.STOPPED, "stopped")
         logger.warning(
             "instance %s: no exit %gs after SIGTERM; sending SIGKILL",
             self.spec.name,
             self.spec.stop_grace_secs,
         )
         await self._kill(process, exited)
-        return ExitReason.shutdown(f"killed after {self.spec.stop_grace_secs:g}s grace")
+        return InstanceExit(ExitCause.STOPPED, f"killed after {self.spec.stop_grace_secs:g}s grace")
 
     async def _kill(self, process: subprocess.Popen[bytes], exited: trio.Event) -> None:
         kill_group(process.pid, signal.SIGKILL)

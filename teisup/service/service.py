@@ -12,7 +12,8 @@
     ├── poller         GPU readings for /gpus and /metrics
     ├── reload         SIGHUP: loads the TLS files again
     ├── reaper         reaps orphans the manager adopts (subreaper, or PID 1)
-    └── restore        temporary: starts restored instances in the background
+    └── restore        starts the instances that should run: restored ones at start-up,
+                       and all of them again whenever `instances` is restarted
 
 Children stop in reverse order, so on SIGTERM the API stops accepting first,
 then every instance stops within its grace, and the state writer, stopping
@@ -38,6 +39,7 @@ from purerpc import Status, StatusCode
 from ..api import create_app
 from ..grpc import SERVICE_NAME, BackendPool, Multiplexer, MultiplexerService
 from ..instances import (
+    Desired,
     GpuInfo,
     HealthSettings,
     InstanceInfo,
@@ -60,7 +62,6 @@ from ..supervision import (
     ChildContext,
     ChildSpec,
     Intensity,
-    RestartType,
     Supervisor,
 )
 from .config import ManagerConfig
@@ -277,12 +278,7 @@ class Service:
                     ChildSpec("poller", self._poll_gpus, shutdown=BRUTAL_KILL),
                     ChildSpec("reload", self._reload_on_sighup, shutdown=BRUTAL_KILL),
                     ChildSpec("reaper", self._reap, shutdown=BRUTAL_KILL),
-                    ChildSpec(
-                        "restore",
-                        self._restore,
-                        restart=RestartType.TEMPORARY,
-                        shutdown=BRUTAL_KILL,
-                    ),
+                    ChildSpec("restore", manager.keep_children, shutdown=BRUTAL_KILL),
                 ],
                 intensity=Intensity(max_restarts=10, period=60.0),
             )
@@ -306,24 +302,26 @@ class Service:
         """Register saved instances, then config seeds not in the state file."""
         manager = self.manager
         for saved in snapshot.instances:
-            desired = saved.desired if self.config.auto_restore_on_restart else "stopped"
+            desired = Desired(saved.desired)
+            if not self.config.auto_restore_on_restart:
+                desired = Desired.STOPPED
             self._register(_spec_of(saved), saved, desired)
         for seed in self.config.instances:
             if seed.name not in manager.names():
-                self._register(seed, None, "running")
+                self._register(seed, None, Desired.RUNNING)
         if not manager.names() and self._embedded and self.config.default_instance:
             logger.info(
                 "no instances configured or saved: starting %r (%s) on the embedded backend",
                 DEFAULT_INSTANCE.name,
                 DEFAULT_INSTANCE.model_id,
             )
-            self._register(DEFAULT_INSTANCE, None, "running")
+            self._register(DEFAULT_INSTANCE, None, Desired.RUNNING)
 
     @property
     def _embedded(self) -> bool:
         return self.launcher[1:] == ["-m", "teisup.embedded"]
 
-    def _register(self, spec: InstanceSpec, saved: SavedInstance | None, desired: str) -> None:
+    def _register(self, spec: InstanceSpec, saved: SavedInstance | None, desired: Desired) -> None:
         try:
             self.manager.register(
                 spec,
@@ -338,15 +336,17 @@ class Service:
 
     def _collect(self) -> list[SavedInstance]:
         out = []
-        for spec, ports, created_at, desired, restarts in self.manager.records():
-            fields = msgspec.structs.asdict(spec)
-            fields.update(port=ports.port, prometheus_port=ports.prometheus_port)
+        for record in self.manager.records():
+            fields = msgspec.structs.asdict(record.spec)
+            fields.update(port=record.ports.port, prometheus_port=record.ports.prometheus_port)
             out.append(
                 SavedInstance(
                     **fields,
-                    desired="stopped" if desired == "stopped" else "running",
-                    created_at=created_at,
-                    restarts=restarts,
+                    desired=record.desired.value,
+                    created_at=record.created_at,
+                    restarts=record.restarts,
+                    port_pinned=record.spec.port is not None,
+                    prometheus_port_pinned=record.spec.prometheus_port is not None,
                 )
             )
         return out
@@ -421,16 +421,6 @@ class Service:
         ctx.started()
         await self.manager.reap_orphans()
 
-    async def _restore(self, ctx: ChildContext) -> None:
-        ctx.started()
-        manager = self.manager
-        for name in manager.names():
-            if manager.desired_state(name) == "running":
-                try:
-                    await manager.start(name)
-                except Exception as exc:  # one bad instance must not stop the others
-                    logger.error("cannot start restored instance %r: %s", name, exc)
-
 
 class _TlsConfig(hypercorn.config.Config):
     """hypercorn's settings, serving teisup's own (reloadable, peer-recording) TLS context."""
@@ -448,5 +438,11 @@ class _TlsConfig(hypercorn.config.Config):
 
 
 def _spec_of(saved: SavedInstance) -> InstanceSpec:
+    """The spec as the user gave it: a port the manager chose is no part of it."""
     fields = msgspec.structs.asdict(saved)
-    return InstanceSpec(**{k: fields[k] for k in _SPEC_FIELDS})
+    spec = {k: fields[k] for k in _SPEC_FIELDS}
+    if not saved.port_pinned:
+        spec["port"] = None
+    if not saved.prometheus_port_pinned:
+        spec["prometheus_port"] = None
+    return InstanceSpec(**spec)

@@ -34,6 +34,11 @@ class SavedInstance(InstanceSpec, frozen=True, forbid_unknown_fields=True, omit_
     desired: Literal["running", "stopped"] = "running"
     created_at: str | None = None
     restarts: int = 0
+    #: Whether the user set ``port`` (kept even when taken) or the manager
+    #: chose it (replaced when taken). tei-manager's files say neither: their
+    #: ports count as chosen by the manager.
+    port_pinned: bool = False
+    prometheus_port_pinned: bool = False
 
 
 class Snapshot(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

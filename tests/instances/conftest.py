@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +17,10 @@ from teisup.instances import (
     HealthSettings,
     InstanceManager,
     PortAllocator,
+    PortRange,
     ProcessSpawner,
 )
+from teisup.instances.identity import PortOwnerCheck, proc_port_owner
 from teisup.instances.probe import grpc_health_probe
 
 FAKE_TEI = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_tei.py")]
@@ -28,6 +31,14 @@ QUICK_HEALTH = HealthSettings(
 )
 
 
+def port_ranges() -> tuple[PortRange, PortRange]:
+    """A random window of 100 instance and 100 Prometheus ports below the
+    ephemeral range, so that suites running at once (each starting instances)
+    rarely reach for the same port; the allocator skips any that is taken."""
+    offset = 100 * random.randrange(60)
+    return PortRange(20000 + offset, 20099 + offset), PortRange(26000 + offset, 26099 + offset)
+
+
 @asynccontextmanager
 async def running_manager(
     log_dir: Path,
@@ -35,21 +46,28 @@ async def running_manager(
     env: dict[str, str] | None = None,
     manager_id: str | None = None,
     gpus: FakeNvml | None = None,
+    port_owner: PortOwnerCheck = proc_port_owner,
+    supervise: bool = True,
 ) -> AsyncIterator[InstanceManager]:
+    """A manager of the TEI double; ``supervise=False`` leaves running its
+    supervisor (in a tree of the test's own) to the test."""
+    instance_ports, prometheus_ports = port_ranges()
     async with ProcessSpawner() as spawner:
         manager = InstanceManager(
             launcher=FAKE_TEI,
             manager_id=manager_id or f"test-{uuid.uuid4()}",
             spawner=spawner,
-            ports=PortAllocator(),
+            ports=PortAllocator(instance_ports=instance_ports, prometheus_ports=prometheus_ports),
             gpus=gpus or FakeNvml([]),
             probe=grpc_health_probe,
             health=QUICK_HEALTH,
             log_dir=log_dir,
             base_env={**os.environ, **(env or {})},
+            port_owner=port_owner,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(manager.supervisor.run)
+            if supervise:
+                await nursery.start(manager.supervisor.run)
             try:
                 yield manager
             finally:

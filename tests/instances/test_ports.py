@@ -259,3 +259,37 @@ def test_real_sockets_explicit_bound_port_is_refused(listening_port: int) -> Non
     with pytest.raises(PortUnavailable) as info:
         alloc.allocate("a", port=listening_port)
     assert f"cannot bind 0.0.0.0:{listening_port}" in str(info.value)
+
+
+def test_reassign_gives_a_fresh_port_and_frees_the_old_one() -> None:
+    probe = FakeProbe()
+    alloc = PortAllocator(
+        is_bindable=probe,
+        instance_ports=PortRange(8080, 8082),
+        prometheus_ports=PortRange(9100, 9102),
+    )
+    assert alloc.allocate("a") == (8080, 9100)
+    probe.busy.add(8081)  # a stranger took the next one too
+    assert alloc.reassign("a") == (8082, 9100)
+    assert alloc.holder_of(8080) is None
+    assert alloc.holder_of(8082) == "a"
+    # The range wraps, but never back to the port being replaced.
+    assert alloc.reassign("a", prometheus_port=True) == (8080, 9101)
+    assert alloc.ports_of("a") == (8080, 9101)
+
+
+def test_reassign_with_nothing_free_keeps_the_old_ports() -> None:
+    alloc = allocator(8081, instance_ports=PortRange(8080, 8081))
+    alloc.allocate("a")
+    with pytest.raises(PortRangeExhausted):
+        alloc.reassign("a")
+    assert alloc.ports_of("a") == (8080, 9100)
+    with pytest.raises(PortError, match="holds no ports"):
+        alloc.reassign("nobody")
+
+
+def test_bindable_asks_the_bind_probe_for_the_instances_host() -> None:
+    probe = FakeProbe(8085)
+    alloc = PortAllocator(is_bindable=probe, host="127.0.0.1")
+    assert (alloc.bindable(8085), alloc.bindable(8086)) == (False, True)
+    assert probe.probed == [("127.0.0.1", 8085), ("127.0.0.1", 8086)]
