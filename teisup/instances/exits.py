@@ -41,6 +41,8 @@ class ExitCause(enum.Enum):
     CANCELLED = "cancelled"
     #: The router could not be executed at all.
     SPAWN_FAILED = "spawn_failed"
+    #: The runner itself failed (a bug): the group was killed.
+    ERROR = "error"
 
 
 _KINDS = {

@@ -213,6 +213,9 @@ class InstanceRunner:
             if exit.cause is ExitCause.PORT_TAKEN:
                 exit = self._move_port(exit)
             return exit.reason()
+        except Exception as exc:
+            exit = InstanceExit(ExitCause.ERROR, f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._make_sure_it_is_gone(process)

@@ -16,14 +16,14 @@ time by a collector, so they can never drift from the truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..grpc.observe import RequestRecord
-from ..instances import GpuInfo, InstanceInfo
+from ..instances import ExitCause, GpuInfo, InstanceExit, InstanceInfo
 from ..supervision import ChildState, TransitionEvent
 from .writer import StateStatus
 
@@ -32,19 +32,23 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def restart_reason(reason: str) -> str:
+#: The ``reason`` label of ``teisup_instance_restarts_by_reason`` for each cause.
+#: A port taken by another process counts as the crash it is (or would be).
+RESTART_REASONS: Mapping[ExitCause, str] = {
+    ExitCause.EXITED: "exit",
+    ExitCause.CRASHED: "crash",
+    ExitCause.KILLED: "signal",
+    ExitCause.UNHEALTHY: "unhealthy",
+    ExitCause.STARTUP_TIMEOUT: "startup_timeout",
+    ExitCause.PORT_TAKEN: "crash",
+    ExitCause.SPAWN_FAILED: "crash",
+    ExitCause.ERROR: "crash",
+}
+
+
+def restart_reason(exit: InstanceExit | None) -> str:
     """A low-cardinality label for why an instance is being restarted."""
-    if reason.startswith("abnormal: unhealthy"):
-        return "unhealthy"
-    if reason.startswith("abnormal: not ready within"):
-        return "startup_timeout"
-    if "killed by" in reason:
-        return "signal"
-    if reason.startswith("abnormal"):
-        return "crash"
-    if reason.startswith("normal"):
-        return "exit"
-    return "other"
+    return RESTART_REASONS.get(exit.cause, "other") if exit is not None else "other"
 
 
 class Metrics:
@@ -55,8 +59,12 @@ class Metrics:
         *,
         instances: Callable[[], list[InstanceInfo]],
         gpus: Callable[[], list[GpuInfo]],
+        exit_cause: Callable[[str], InstanceExit | None] = lambda name: None,
     ) -> None:
+        """``exit_cause(name)``: how the instance's last run ended (the manager's
+        `InstanceManager.last_exit_cause`), read when a restart is counted."""
         self.registry = CollectorRegistry()
+        self._exit_cause = exit_cause
         r = self.registry
         self.created = Counter(
             "tei_manager_instances_created",
@@ -146,7 +154,10 @@ class Metrics:
         is_instance = len(event.path) == 3 and event.path[1] == "instances"
         if is_instance and event.new is ChildState.BACKOFF and event.old is not ChildState.BACKOFF:
             self.restarts.labels(event.child_id).inc()
-            self.restarts_by_reason.labels(event.child_id, restart_reason(event.reason)).inc()
+            # The run that just ended recorded its cause before its task
+            # returned, so it is there by the time this transition is read.
+            reason = restart_reason(self._exit_cause(event.child_id))
+            self.restarts_by_reason.labels(event.child_id, reason).inc()
 
     def on_probe(self, instance: str, seconds: float, ok: bool, ready: bool) -> None:
         self.probe_seconds.labels(instance, "ok" if ok else "failed").observe(seconds)

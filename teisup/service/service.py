@@ -111,7 +111,13 @@ class Service:
         self._writer: StateWriter | None = None
         self.multiplexer: Multiplexer | None = None
         self._data_plane: MultiplexerService | None = None
-        self.metrics = Metrics(instances=self._instances, gpus=lambda: list(self._gpus))
+        self.metrics = Metrics(
+            instances=self._instances,
+            gpus=lambda: list(self._gpus),
+            exit_cause=lambda name: (
+                self._manager.last_exit_cause(name) if self._manager is not None else None
+            ),
+        )
 
     # -- what the API uses ----------------------------------------------------
 
