@@ -15,6 +15,11 @@ children restart in microseconds while a TEI process needs tens of seconds:
 
 The supervisor-wide intensity, whose excess makes the supervisor stop its
 children and escalate to its parent, is OTP's and uses the same `RestartWindow`.
+Which siblings a restart takes along (the strategy) is `plan_restart`.
+
+Numbers here come from users (an instance's restart policy), so no
+computation on them may raise: a value the constructors accept always yields
+a finite, non-negative delay.
 """
 
 from __future__ import annotations
@@ -22,21 +27,29 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import msgspec
+
+from .lifecycle import ChildState
 
 __all__ = [
     "Backoff",
     "ExitKind",
     "ExitReason",
     "GiveUp",
+    "GroupMember",
     "Intensity",
     "NoRestart",
     "Restart",
     "RestartDecision",
+    "RestartPlan",
     "RestartTracker",
     "RestartType",
     "RestartWindow",
+    "Strategy",
+    "plan_restart",
     "should_restart",
 ]
 
@@ -95,6 +108,17 @@ def should_restart(restart: RestartType, exit_kind: ExitKind) -> bool:
     return False
 
 
+class Strategy(enum.Enum):
+    """What a supervisor does to a child's siblings when it restarts the child."""
+
+    #: Restart only the child that exited.
+    ONE_FOR_ONE = "one_for_one"
+    #: Stop all other children, then restart them all.
+    ONE_FOR_ALL = "one_for_all"
+    #: Stop the children started after it, then restart it and them.
+    REST_FOR_ONE = "rest_for_one"
+
+
 class Intensity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """At most ``max_restarts`` restarts within any ``period`` seconds.
 
@@ -106,9 +130,10 @@ class Intensity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     period: float = 5.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_restarts, bool) or self.max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
-        if not self.period > 0 or not math.isfinite(self.period):
+        count = self.max_restarts
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, got {count!r}")
+        if not _finite("period", self.period) > 0:
             raise ValueError(f"period must be a positive number of seconds, got {self.period!r}")
 
 
@@ -128,24 +153,49 @@ class Backoff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         for name in ("initial", "maximum", "reset_after"):
-            value = getattr(self, name)
-            if not value >= 0 or not math.isfinite(value):
+            value = _finite(name, getattr(self, name))
+            if not value >= 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not self.factor >= 1 or not math.isfinite(self.factor):
+        if not _finite("factor", self.factor) >= 1:
             raise ValueError(f"factor must be a finite number >= 1, got {self.factor!r}")
-        if self.maximum < self.initial:
+        if float(self.maximum) < float(self.initial):
             raise ValueError(
                 f"maximum ({self.maximum!r}) must not be below initial ({self.initial!r})"
             )
 
     def delay(self, attempt: int) -> float:
-        """The delay before restart number ``attempt`` (0-based) of a streak."""
-        if self.initial == 0:
-            return 0.0
-        # Compare exponents instead of computing factor**attempt, which overflows.
-        if self.factor > 1 and attempt >= math.log(self.maximum / self.initial, self.factor):
-            return self.maximum
-        return min(self.initial * self.factor**attempt, self.maximum)
+        """The delay before restart number ``attempt`` (0-based) of a streak.
+
+        Never raises: always a finite number between 0 and ``maximum``, for
+        any values the constructor accepts and any streak length.
+        """
+        initial, factor, maximum = float(self.initial), float(self.factor), float(self.maximum)
+        if initial == 0 or attempt <= 0 or factor == 1:
+            return min(initial, maximum)
+        # Compare exponents in log space, so that neither factor**attempt nor
+        # maximum/initial is ever computed where it would overflow (a huge
+        # factor, a subnormal initial, a streak of millions). The bound is a
+        # finite float: both logarithms are finite and log(factor) > 0.
+        if attempt >= (math.log(maximum) - math.log(initial)) / math.log(factor):
+            return maximum
+        try:
+            delay = initial * factor**attempt
+        except OverflowError:  # rounding at the bound: the cap applies
+            return maximum
+        return min(delay, maximum) if math.isfinite(delay) else maximum
+
+
+def _finite(name: str, value: object) -> float:
+    """``value`` as a finite float, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 class RestartWindow:
@@ -249,6 +299,14 @@ class RestartTracker:
             limit = self._window.intensity
             return GiveUp(restarts=self._window.count(now), period=limit.period)
         delay = self.backoff.delay(self._streak)
+        # A Backoff subclass could answer anything; a bad delay must not reach
+        # the supervisor's clock (trio refuses a NaN deadline).
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < math.inf
+        ):
+            raise ValueError(f"backoff gave an invalid delay {delay!r} for restart {self._streak}")
         self._streak += 1
         return Restart(delay=delay, at=now + delay)
 
@@ -256,3 +314,69 @@ class RestartTracker:
         """Forget the history: an explicit start by a person or an API call."""
         self._window.reset()
         self._streak = 0
+
+
+class GroupMember(NamedTuple):
+    """What `plan_restart` needs to know of one child of a supervisor."""
+
+    id: str
+    restart: RestartType
+    state: ChildState
+
+
+class RestartPlan(msgspec.Struct, frozen=True):
+    """What a supervisor does about one child's own exit, sibling by sibling.
+
+    ``restart``: the exited child is to be restarted (its restart type allows
+    it; its tracker then decides when, or that it gives up). The rest applies
+    only when it is: ``stop`` names the siblings to stop, in that order
+    (reverse start order); ``schedule`` the siblings that restart with it, in
+    start order. ``drop`` names the children whose specs are forgotten once
+    stopped: temporary siblings of the group, or the exited child itself when
+    it is temporary.
+    """
+
+    restart: bool
+    stop: tuple[str, ...] = ()
+    schedule: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+#: Sibling states a group restart has to stop first: running, or about to be.
+_STOPPABLE = frozenset(
+    {ChildState.STARTING, ChildState.RUNNING, ChildState.UNHEALTHY, ChildState.BACKOFF}
+)
+
+
+def plan_restart(
+    strategy: Strategy, children: Sequence[GroupMember], exited: int, exit_kind: ExitKind
+) -> RestartPlan:
+    """The restart group when ``children[exited]`` exits by itself with ``exit_kind``.
+
+    ``children`` are all the supervisor's children in start order. OTP's
+    rules: ``one_for_one`` touches no sibling, ``one_for_all`` takes every
+    other child along, ``rest_for_one`` those started after it. Siblings of the
+    group are stopped in reverse start order; every non-temporary one is then
+    restarted, including ones that had stopped, except those in ``failed``,
+    which stay failed; temporary ones are dropped.
+    """
+    child = children[exited]
+    if not should_restart(child.restart, exit_kind):
+        dropped = (child.id,) if child.restart is RestartType.TEMPORARY else ()
+        return RestartPlan(restart=False, drop=dropped)
+    if strategy is Strategy.ONE_FOR_ALL:
+        group = [c for i, c in enumerate(children) if i != exited]
+    elif strategy is Strategy.REST_FOR_ONE:
+        group = list(children[exited + 1 :])
+    else:
+        group = []
+    return RestartPlan(
+        restart=True,
+        stop=tuple(c.id for c in reversed(group) if c.state in _STOPPABLE),
+        schedule=tuple(
+            c.id
+            for c in group
+            if c.restart is not RestartType.TEMPORARY and c.state is not ChildState.FAILED
+        ),
+        drop=tuple(c.id for c in group if c.restart is RestartType.TEMPORARY),
+    )

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from .policy import Backoff, ExitReason, Intensity, RestartType
+from .policy import Backoff, ExitReason, Intensity, RestartType, Strategy
 
 if TYPE_CHECKING:
     from .supervisor import ChildContext, Supervisor
@@ -24,17 +24,6 @@ __all__ = [
     "Worker",
     "validate_id",
 ]
-
-
-class Strategy(enum.Enum):
-    """What a supervisor does to a child's siblings when it restarts the child."""
-
-    #: Restart only the child that exited.
-    ONE_FOR_ONE = "one_for_one"
-    #: Stop all other children, then restart them all.
-    ONE_FOR_ALL = "one_for_all"
-    #: Stop the children started after it, then restart it and them.
-    REST_FOR_ONE = "rest_for_one"
 
 
 class ChildKind(enum.Enum):
