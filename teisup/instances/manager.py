@@ -240,7 +240,11 @@ class InstanceManager:
         self.on_probe = on_probe
         self.port_owner = port_owner
         self.model_check = model_check
-        self.supervisor = Supervisor("instances", intensity=None, max_children=max_instances)
+        # Instances are independent: at shutdown they all get SIGTERM at once,
+        # so stopping N of them takes the longest grace, not the sum.
+        self.supervisor = Supervisor(
+            "instances", intensity=None, max_children=max_instances, parallel_shutdown=True
+        )
         self._instances: dict[str, _Instance] = {}
         # Lifecycle calls are serial and run to completion even if their caller
         # goes away: a check and the action it decides on never interleave with
