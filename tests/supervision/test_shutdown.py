@@ -6,7 +6,14 @@ import pytest
 import trio
 import trio.testing
 
-from teisup.supervision import INFINITY, Backoff, ChildSpec, ChildState, Supervisor
+from teisup.supervision import (
+    INFINITY,
+    Backoff,
+    ChildSpec,
+    ChildState,
+    Supervisor,
+    SupervisorPhase,
+)
 
 from .helpers import Probe, drain, moves
 
@@ -103,3 +110,22 @@ async def test_a_parallel_shutdown_waits_for_children_that_stop_in_time(
     ]
     assert (quick.cancelled, slow.cancelled) == (0, 0)
     assert [c.state for c in sup.which_children()] == [ChildState.STOPPED] * 3
+
+
+async def test_cancelling_a_parallel_shutdown_midway_leaves_no_child_reported_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.CancelScope() as outer:
+        async with trio.open_nursery() as nursery:
+            sup, probes = await stubborn_instances(nursery, parallel_shutdown=True)
+            with sup.events.subscribe() as events:
+                began = trio.current_time()
+                nursery.start_soon(sup.stop)
+                async for event in events:
+                    if event.new is ChildState.STOPPED:  # the first grace (1 s) ran out
+                        outer.cancel()
+                        break
+    assert trio.current_time() - began == pytest.approx(min(GRACES))
+    assert [c.state for c in sup.which_children()] == [ChildState.STOPPED] * 5
+    assert all(p.cancelled == 1 for p in probes)
+    assert sup.phase is SupervisorPhase.STOPPED
