@@ -264,9 +264,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         infos = manager.all()
         by_state: dict[str, int] = {}
         for info in infos:
-            by_state[info.status] = by_state.get(info.status, 0) + 1
+            by_state[info.status.value] = by_state.get(info.status.value, 0) + 1
         wanted = [i for i in infos if i.desired is Desired.RUNNING]
-        up = [i for i in wanted if i.status == "running"]
+        up = [i for i in wanted if i.status is ChildState.RUNNING]
         if not wanted or len(up) == len(wanted):
             aggregate = "healthy"
         elif up:
@@ -339,24 +339,24 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             while True:
                 deleted = deletions.event
                 info = manager.get(name)
-                verdict = wait_verdict(ChildState(info.status), info.desired, wanted)
+                verdict = wait_verdict(info.status, info.desired, wanted)
                 if verdict is not WaitVerdict.PENDING:
                     break
                 await _next_change(events, deleted)
         info = manager.get(name)
-        verdict = wait_verdict(ChildState(info.status), info.desired, wanted)
+        verdict = wait_verdict(info.status, info.desired, wanted)
         if verdict is WaitVerdict.UNREACHABLE:
             raise ApiError(
                 409,
                 "STATE_UNREACHABLE",
-                f"instance {name!r} is {info.status} (desired {info.desired.value}) and cannot "
-                f"become {wanted.value} without a call such as start",
+                f"instance {name!r} is {info.status.value} (desired {info.desired.value}) "
+                f"and cannot become {wanted.value} without a call such as start",
             )
         if verdict is WaitVerdict.PENDING:
             raise ApiError(
                 504,
                 "TIMEOUT",
-                f"instance {name!r} is {info.status}, not {wanted.value}, after {timeout:g}s",
+                f"instance {name!r} is {info.status.value}, not {wanted.value}, after {timeout:g}s",
             )
         return _json(info)
 

@@ -37,9 +37,11 @@ from purerpc import StatusCode
 
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2
 
+from ..supervision import ChildState
+
 __all__ = ["READY_STATUS", "Replica", "RoutingError", "resolve", "validate_target"]
 
-READY_STATUS = "running"
+READY_STATUS = ChildState.RUNNING
 """The only instance status that receives traffic."""
 
 
@@ -58,7 +60,7 @@ class Replica:
 
     name: str
     model_id: str
-    status: str
+    status: ChildState
 
 
 def resolve(
@@ -97,9 +99,9 @@ def resolve(
     replicas = sorted((i for i in instances if i.model_id == model), key=lambda i: i.name)
     if not replicas:
         raise RoutingError(StatusCode.NOT_FOUND, f"No instance serves model '{model}'")
-    ready = [i for i in replicas if i.status == READY_STATUS]
+    ready = [i for i in replicas if i.status is READY_STATUS]
     if not ready:
-        states = ", ".join(f"{i.name}: {i.status}" for i in replicas)
+        states = ", ".join(f"{i.name}: {i.status.value}" for i in replicas)
         raise RoutingError(
             StatusCode.UNAVAILABLE, f"No running instance serves model '{model}' ({states})"
         )
@@ -129,9 +131,9 @@ def validate_target(target: multiplexer_pb2.Target | None) -> multiplexer_pb2.Ta
 
 
 def _ready(instance: Replica) -> str:
-    if instance.status != READY_STATUS:
+    if instance.status is not READY_STATUS:
         raise RoutingError(
             StatusCode.UNAVAILABLE,
-            f"Instance '{instance.name}' is not running (status: {instance.status})",
+            f"Instance '{instance.name}' is not running (status: {instance.status.value})",
         )
     return instance.name

@@ -178,7 +178,7 @@ class Multiplexer:
         known = {SERVICE_NAME, ""}
         for record in self.instances.all():
             known.add(record.name)
-            serving = record.status == READY_STATUS
+            serving = record.status is READY_STATUS
             self.health.set_status(
                 record.name, ServingStatus.SERVING if serving else ServingStatus.NOT_SERVING
             )

@@ -44,6 +44,7 @@ from teisup.proto.tei.v1 import tei_pb2
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from teisup.rpc import Channel
 
+from ..supervision import ChildState
 from . import arrow
 from .observe import RequestObserver, current_request, observed
 from .pool import BackendPool, BackendStream, open_stream, status_error, unary
@@ -73,7 +74,7 @@ class InstanceRecord(Protocol):
     @property
     def model_id(self) -> str: ...
     @property
-    def status(self) -> str: ...
+    def status(self) -> ChildState: ...
     @property
     def port(self) -> int: ...
     @property

@@ -111,7 +111,7 @@ class InstanceInfo(msgspec.Struct, frozen=True):
     name: str
     model_id: str
     port: int
-    status: str
+    status: ChildState
     pid: int | None
     created_at: str
     uptime_secs: float | None
@@ -488,7 +488,7 @@ class InstanceManager:
             name=name,
             model_id=spec.model_id,
             port=instance.ports.port,
-            status=node.state if node else ChildState.STOPPED.value,
+            status=ChildState(node.state) if node else ChildState.STOPPED,
             pid=node.pid if node else None,
             created_at=instance.created_at,
             uptime_secs=node.uptime if node else None,

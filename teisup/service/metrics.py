@@ -207,9 +207,7 @@ class _StateCollector(Collector):
         )
         for info in self._instances():
             for state in ChildState:
-                states.add_metric(
-                    [info.name, state.value], 1.0 if info.status == state.value else 0
-                )
+                states.add_metric([info.name, state.value], 1.0 if info.status is state else 0)
             backoff.add_metric([info.name], info.next_restart_in or 0.0)
             in_flight.add_metric([info.name], float(self._in_flight(info.name)))
         yield states

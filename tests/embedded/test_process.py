@@ -128,7 +128,7 @@ async def test_the_manager_runs_it_end_to_end(tmp_path: Path) -> None:
                     )
                     assert len(answer.embeddings) == 384
                     stopped = await manager.stop("minilm")
-                    assert stopped.status == "stopped"
+                    assert stopped.status == ChildState.STOPPED
                     assert stopped.last_exit is not None
                     assert stopped.last_exit.kind.value == "shutdown"
                     assert any(line.message == "Ready" for line in manager.logs("minilm"))

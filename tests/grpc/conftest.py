@@ -29,6 +29,7 @@ import trio
 from teisup.grpc import Multiplexer
 from teisup.proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from teisup.rpc import call_with_deadline, open_channel
+from teisup.supervision import ChildState
 
 from ..embedded.conftest import MINILM, MINILM_DIR, free_port
 
@@ -45,7 +46,7 @@ class Record:
 
     name: str
     model_id: str = "test/model"
-    status: str = "running"
+    status: ChildState = ChildState.RUNNING
     port: int = 0
     pid: int | None = None
     spec: Any = field(default_factory=lambda: SimpleNamespace(max_concurrent_requests=512))

@@ -17,6 +17,7 @@ import trio
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux
 from teisup.rpc import Channel, RpcStatusError, call_once
+from teisup.supervision import ChildState
 
 from .conftest import MINILM, Backend, Instances, call, running_mux, target
 
@@ -183,7 +184,7 @@ async def test_model_id_routing_uses_every_ready_replica(minilm_backend: Backend
     instances = Instances(
         minilm_backend.record("replica-a", model_id=MINILM),
         minilm_backend.record("replica-b", model_id=MINILM),
-        minilm_backend.record("replica-c", model_id=MINILM, status="starting"),
+        minilm_backend.record("replica-c", model_id=MINILM, status=ChildState.STARTING),
     )
     async with running_mux(instances) as m:
         by_model = mux.EmbedRequest(
@@ -195,7 +196,7 @@ async def test_model_id_routing_uses_every_ready_replica(minilm_backend: Backend
         assert m.service._last_picked.keys() == {"replica-a", "replica-b"}
         assert m.pool.connects == 2
         # One replica goes down: the model keeps being served by the other.
-        instances.update("replica-a", status="backoff")
+        instances.update("replica-a", status=ChildState.BACKOFF)
         for _ in range(2):
             await call(m, lambda s: s.Embed(by_model))
         assert m.pool.connects == 2

@@ -62,8 +62,8 @@ async def test_routing_errors_are_statuses(fake_backend: Any) -> None:
     backend = fake_backend()
     instances = Instances(
         backend.record("ok"),
-        Record("booting", status="starting", port=1),
-        Record("dead", status="failed"),
+        Record("booting", status=ChildState.STARTING, port=1),
+        Record("dead", status=ChildState.FAILED),
     )
     async with running_mux(instances) as m:
 
@@ -235,7 +235,7 @@ async def test_restarted_instance_gets_a_new_connection(fake_backend: Any) -> No
 
 
 async def test_health_per_instance_and_taken_port(fake_backend: Any) -> None:
-    instances = Instances(Record("up"), Record("down", status="backoff"))
+    instances = Instances(Record("up"), Record("down", status=ChildState.BACKOFF))
     async with running_mux(instances) as m:
         port = m.port
 
@@ -247,7 +247,7 @@ async def test_health_per_instance_and_taken_port(fake_backend: Any) -> None:
         assert await health("up") is ServingStatus.SERVING
         assert await health("down") is ServingStatus.NOT_SERVING
         assert await health("unknown") is ServingStatus.SERVICE_UNKNOWN
-        instances.update("down", status="running")
+        instances.update("down", status=ChildState.RUNNING)
         m.refresh_health()
         assert await health("down") is ServingStatus.SERVING
 

@@ -7,14 +7,15 @@ from purerpc import StatusCode
 
 from teisup.grpc.routing import Replica, RoutingError, resolve, validate_target
 from teisup.proto.tei_multiplexer.v1.multiplexer_pb2 import Target
+from teisup.supervision import ChildState
 
 FLEET = [
-    Replica("c-splade", "naver/splade", "running"),
-    Replica("a-bge", "BAAI/bge", "running"),
-    Replica("b-bge", "BAAI/bge", "running"),
-    Replica("d-bge", "BAAI/bge", "starting"),
-    Replica("e-broken", "org/broken", "failed"),
-    Replica("f-broken", "org/broken", "unhealthy"),
+    Replica("c-splade", "naver/splade", ChildState.RUNNING),
+    Replica("a-bge", "BAAI/bge", ChildState.RUNNING),
+    Replica("b-bge", "BAAI/bge", ChildState.RUNNING),
+    Replica("d-bge", "BAAI/bge", ChildState.STARTING),
+    Replica("e-broken", "org/broken", ChildState.FAILED),
+    Replica("f-broken", "org/broken", ChildState.UNHEALTHY),
 ]
 
 

@@ -52,10 +52,10 @@ async def test_an_instance_runs_answers_and_stops(tmp_path: Path) -> None:
         async with running_manager(tmp_path) as manager:
             with manager.supervisor.events.subscribe() as events:
                 info = await manager.create(spec())
-                assert info.status == "starting"
+                assert info.status == ChildState.STARTING
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             info = manager.get("bge-small")
-            assert (info.status, info.restarts) == ("running", 0)
+            assert (info.status, info.restarts) == (ChildState.RUNNING, 0)
             assert info.port in manager.ports.instance_ports
             assert alive(info.pid)
             assert info.pid is not None
@@ -73,12 +73,12 @@ async def test_an_instance_runs_answers_and_stops(tmp_path: Path) -> None:
             assert (await manager.start("bge-small")).pid == info.pid
 
             stopped = await manager.stop("bge-small")
-            assert (stopped.status, stopped.pid) == ("stopped", None)
+            assert (stopped.status, stopped.pid) == (ChildState.STOPPED, None)
             assert proc_state(info.pid) is None
             assert stopped.last_exit is not None
             assert stopped.last_exit.kind.value == "shutdown"
             assert stopped.last_exit.detail == "terminated on request; stopped"
-            assert (await manager.stop("bge-small")).status == "stopped"
+            assert (await manager.stop("bge-small")).status == ChildState.STOPPED
             assert any(line.message == "Ready" for line in manager.logs("bge-small"))
             assert (tmp_path / "bge-small.log").read_text().count("Ready") == 1
 
@@ -107,7 +107,7 @@ async def test_a_model_that_cannot_load_ends_failed_with_the_reason(tmp_path: Pa
                 await manager.create(spec(restart=policy))
                 failed = await wait_for(events, "bge-small", ChildState.FAILED)
             info = manager.get("bge-small")
-            assert info.status == "failed"
+            assert info.status == ChildState.FAILED
             assert info.restarts == 2  # three runs in all
             assert info.last_exit is not None
             assert "Could not download model artifacts" in info.last_exit.detail
@@ -132,7 +132,7 @@ async def test_a_transient_instance_that_exits_0_stays_stopped(tmp_path: Path) -
             # A probe may catch it closing its socket just before it exits.
             assert event.old in (ChildState.RUNNING, ChildState.UNHEALTHY)
             info = manager.get("bge-small")
-            assert (info.status, info.restarts) == ("stopped", 0)
+            assert (info.status, info.restarts) == (ChildState.STOPPED, 0)
             assert info.last_exit is not None
             assert info.last_exit.detail == "exited with code 0"
 
@@ -207,7 +207,7 @@ async def test_bad_requests_are_refused_and_leave_nothing_behind(tmp_path: Path)
                 await manager.create(spec())
             with pytest.raises(InstanceNotFound, match="nope"):
                 await manager.start("nope")
-            assert manager.get("bge-small").status == "stopped"
+            assert manager.get("bge-small").status == ChildState.STOPPED
             await manager.delete("bge-small")
             assert manager.names() == []
 
@@ -341,7 +341,11 @@ async def test_a_stopped_instance_stays_stopped_and_manual_starts_are_not_restar
                 await manager.restart("bge-small")
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             info = manager.get("bge-small")
-            assert (info.status, info.restarts, info.desired) == ("running", 0, Desired.RUNNING)
+            assert (info.status, info.restarts, info.desired) == (
+                ChildState.RUNNING,
+                0,
+                Desired.RUNNING,
+            )
 
 
 async def test_backoff_is_visible_with_its_next_attempt(tmp_path: Path) -> None:
@@ -352,11 +356,11 @@ async def test_backoff_is_visible_with_its_next_attempt(tmp_path: Path) -> None:
                 await manager.create(spec(restart=slow))
                 await wait_for(events, "bge-small", ChildState.BACKOFF)
             info = manager.get("bge-small")
-            assert info.status == "backoff"
+            assert info.status == ChildState.BACKOFF
             assert info.next_restart_in is not None
             assert 25.0 < info.next_restart_in <= 30.0
             # Stopping it cancels the pending restart.
-            assert (await manager.stop("bge-small")).status == "stopped"
+            assert (await manager.stop("bge-small")).status == ChildState.STOPPED
 
 
 async def test_start_while_stopping_is_not_lost(tmp_path: Path) -> None:
@@ -371,7 +375,7 @@ async def test_start_while_stopping_is_not_lost(tmp_path: Path) -> None:
                     nursery.start_soon(manager.start, "bge-small")
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             info = manager.get("bge-small")
-            assert (info.status, info.desired) == ("running", Desired.RUNNING)
+            assert (info.status, info.desired) == (ChildState.RUNNING, Desired.RUNNING)
 
 
 async def test_ready_logged_before_the_port_is_bound_still_ends_running(tmp_path: Path) -> None:

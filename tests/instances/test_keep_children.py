@@ -67,11 +67,18 @@ async def test_a_restarted_instances_supervisor_brings_its_instances_back(
                     await wait_for(events, "a", ChildState.RUNNING)
                     await wait_gone(before.pid)
                     after = manager.get("a")
-                    assert (after.name, after.port, after.status) == ("a", before.port, "running")
+                    assert (after.name, after.port, after.status) == (
+                        "a",
+                        before.port,
+                        ChildState.RUNNING,
+                    )
                     assert after.pid != before.pid
                     assert after.desired is Desired.RUNNING
                     stopped = manager.get("b")
-                    assert (stopped.status, stopped.desired) == ("stopped", Desired.STOPPED)
+                    assert (stopped.status, stopped.desired) == (
+                        ChildState.STOPPED,
+                        Desired.STOPPED,
+                    )
                     # The supervisor's own dynamic child is gone, as in OTP.
                     ids = [c.id for c in manager.supervisor.which_children()]
                     assert ids == ["a"]

@@ -145,7 +145,7 @@ async def test_a_port_the_user_set_is_kept_and_the_error_names_it(tmp_path: Path
             assert f"port {pinned} is held by another process" in failed.reason
             assert f"port {pinned} was set for this instance, so it is kept" in failed.reason
             info = manager.get("bge-small")
-            assert (info.port, info.status) == (pinned, "failed")
+            assert (info.port, info.status) == (pinned, ChildState.FAILED)
             assert info.last_exit is not None
             assert f"port {pinned}" in info.last_exit.detail
 
