@@ -17,8 +17,7 @@ from . import __version__
 from .instances import LauncherError, resolve_launcher
 from .security import TlsError
 from .security import validate as validate_tls
-from .service.config import ConfigError, ManagerConfig, load_config
-from .service.service import Service
+from .service import ConfigError, ManagerConfig, Service, load_config
 
 __all__ = ["build_parser", "main"]
 

@@ -10,9 +10,10 @@ import teisup
 import teisup.instances
 import teisup.rpc
 import teisup.security
+import teisup.service
 import teisup.supervision
 
-PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc, teisup.security]
+PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc, teisup.security, teisup.service]
 
 SUPERVISION_API = {
     "BRUTAL_KILL",

@@ -78,3 +78,16 @@ def test_no_cycle_between_service_api_and_security() -> None:
 
     cycles = [p for p in sorted(group) if reaches(p, p)]
     assert cycles == []
+
+
+def test_other_packages_import_the_service_through_its_export_list() -> None:
+    deep = []
+    for path in ROOT.rglob("*.py"):
+        if path.is_relative_to(ROOT / "service"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                name = node.module if not node.level else "teisup." + node.module
+                if name.startswith("teisup.service."):
+                    deep.append(f"{path.relative_to(ROOT)}: {name}")
+    assert deep == []

@@ -1,0 +1,130 @@
+"""What the front ends see of the running service: the control plane and the gRPC gate.
+
+`ServiceControl` is the `teisup.api.ControlPlane` the REST app is built on:
+the instance manager, the supervision tree, the state writer's durability,
+GPU readings, metrics, the data plane, and the access settings. `GrpcGate` is
+the gRPC servers' authorizer, applying the same allow-list and token as the
+REST app.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from purerpc import Status, StatusCode
+
+from ..grpc import SERVICE_NAME, MultiplexerService
+from ..instances import GpuInfo, InstanceInfo, InstanceManager
+from ..instances.runner import Probe
+from ..rpc import Peer
+from ..security import AllowList, TlsReloader, bearer_matches
+from ..supervision import Supervisor
+from .config import ManagerConfig
+from .metrics import Metrics
+from .writer import StateStatus, StateWriter
+
+__all__ = ["GrpcGate", "ServiceControl"]
+
+
+class ServiceControl:
+    """The running service as the REST API uses it (`teisup.api.ControlPlane`)."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        manager: InstanceManager,
+        writer: StateWriter,
+        metrics: Metrics,
+        gpus: Callable[[], list[GpuInfo]],
+        probe: Probe,
+        data_plane: MultiplexerService | None,
+        api_token: str | None,
+        allow_list: AllowList,
+        tls: TlsReloader | None,
+    ) -> None:
+        self.manager = manager
+        self.data_plane = data_plane
+        self.api_token = api_token
+        self.protect_health_and_metrics = config.protect_health_and_metrics
+        self.allow_list = allow_list
+        self.tls = tls
+        self.data_body_limit = config.grpc_max_message_size_mb * 1024 * 1024
+        self._health_timeout = config.health_check_timeout_secs
+        self._writer = writer
+        self._metrics = metrics
+        self._gpus = gpus
+        self._probe = probe
+        self._root: Supervisor | None = None
+
+    @property
+    def root(self) -> Supervisor:
+        """The root supervisor (set once it is built, before anything serves)."""
+        assert self._root is not None, "the service is not running"
+        return self._root
+
+    @root.setter
+    def root(self, root: Supervisor) -> None:
+        self._root = root
+
+    async def persist(self) -> bool:
+        """Have the current state written; True once durable (a bounded wait)."""
+        return await self._writer.persist()
+
+    def state_status(self) -> StateStatus:
+        """Whether the state file holds every applied change."""
+        return self._writer.status()
+
+    def gpus(self) -> list[GpuInfo]:
+        """The latest GPU readings."""
+        return self._gpus()
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus text of every series."""
+        return self._metrics.render()
+
+    def on_created(self, info: InstanceInfo) -> None:
+        """Count a created instance."""
+        self._metrics.created.labels(info.name, info.model_id).inc()
+
+    def on_deleted(self, name: str) -> None:
+        """Count a deleted instance."""
+        self._metrics.deleted.labels(name).inc()
+
+    async def probe_now(self, name: str) -> dict[str, Any]:
+        """Probe an instance once, now: whether it answered, why not, how fast."""
+        info = self.manager.get(name)
+        began = time.perf_counter()
+        error = await self._probe("127.0.0.1", info.port, self._health_timeout)
+        return {
+            "ok": error is None,
+            "error": error,
+            "latency_ms": round((time.perf_counter() - began) * 1000, 3),
+        }
+
+
+class GrpcGate:
+    """The gRPC servers' gate: the allow-list for every call, the token for the data plane.
+
+    Health and reflection stay open to any client the TLS layer let in, as
+    /health does over REST.
+    """
+
+    def __init__(self, *, api_token: str | None, allow_list: AllowList, tls: bool) -> None:
+        self._api_token = api_token
+        # Without TLS there is no verified certificate to check.
+        self._allow_list = allow_list if tls else None
+
+    def __call__(self, peer: Peer, event: Any) -> Status | None:
+        """None to let the call in, else the status refusing it."""
+        allow_list = self._allow_list
+        refusal = allow_list.refusal(peer.certificate) if allow_list is not None else None
+        if refusal is not None:
+            return Status(StatusCode.PERMISSION_DENIED, refusal)
+        if self._api_token is not None and event.service_name == SERVICE_NAME:
+            metadata = {str(k).lower(): v for k, v in event.custom_metadata}
+            if not bearer_matches(metadata.get("authorization"), self._api_token):
+                return Status(StatusCode.UNAUTHENTICATED, "missing or wrong API token")
+        return None
