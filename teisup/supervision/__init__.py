@@ -1,7 +1,8 @@
 """The supervision core: Erlang/OTP-style supervisors on Trio nurseries.
 
-Pure policy (`policy`, `lifecycle`) decides; the runtime (`supervisor`) only
-starts, waits and cancels. See ARCHITECTURE.md for the model and an example.
+Pure policy (`policy`, `lifecycle`) decides; the shell (`supervisor`, with a
+child's runs in `runtime` and its operation queue in `inbox`) only starts,
+waits and cancels. See ARCHITECTURE.md for the model and an example.
 """
 
 from .errors import (
