@@ -55,6 +55,11 @@ Behaviour knobs, read from the environment:
     At start, spawn ``sleep 1000`` in the fake's own process group, with its
     stdio on /dev/null, and log ``grandchild <pid>`` (a JSON line with
     ``--json-output``, like every other line). Nothing ever reaps or kills it.
+``FAKE_TEI_DETACHED_GRANDCHILD=1``
+    At start, spawn ``sleep 1000`` that has left the fake's process group: a
+    double fork and ``setsid``, as a daemon does, so a process-group kill
+    cannot reach it and its parent is gone (it is orphaned). Logs
+    ``detached grandchild <pid>``.
 ``FAKE_TEI_READY_EARLY`` (seconds)
     Log ``Ready`` this long *before* binding, as real TEI's gRPC build does
     (it logs ``Ready`` just before tonic binds).
@@ -73,6 +78,7 @@ import datetime
 import json
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -152,6 +158,7 @@ class Knobs:
     exit_code: int = 1
     ignore_sigterm: bool = False
     grandchild: bool = False
+    detached_grandchild: bool = False
     hang_after: float | None = None
     ready_early: float | None = None
 
@@ -179,6 +186,7 @@ class Knobs:
             exit_code=int(code) if code else 1,
             ignore_sigterm=env.get("FAKE_TEI_IGNORE_SIGTERM", "") not in ("", "0"),
             grandchild=env.get("FAKE_TEI_GRANDCHILD", "") not in ("", "0"),
+            detached_grandchild=env.get("FAKE_TEI_DETACHED_GRANDCHILD", "") not in ("", "0"),
             hang_after=seconds("FAKE_TEI_HANG"),
             ready_early=seconds("FAKE_TEI_READY_EARLY"),
         )
@@ -308,10 +316,38 @@ def spawn_grandchild() -> int:
         os.close(devnull)
 
 
+#: Forks; the child starts a new session, tells its pid and becomes ``sleep``
+#: while its parent has exited already.
+DETACH = """
+import os
+if os.fork():
+    os._exit(0)
+os.setsid()
+print(os.getpid(), flush=True)
+devnull = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(devnull, fd)
+os.execvp("sleep", ["sleep", "1000"])
+"""
+
+
+def spawn_detached_grandchild() -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", DETACH],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    return int(out.stdout)
+
+
 async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
     log.info(MAIN, args_line(args))
     if knobs.grandchild:
         log.info(MAIN, f"grandchild {spawn_grandchild()}")
+    if knobs.detached_grandchild:
+        log.info(MAIN, f"detached grandchild {spawn_detached_grandchild()}")
     log.info(LIB, "Starting model backend")
     await trio.sleep(knobs.start_delay)
     if knobs.fail_start:

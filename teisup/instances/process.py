@@ -1,6 +1,6 @@
 """OS processes with no orphans: spawn, wait, signal, sweep (Linux).
 
-Three measures, because each covers a gap in the others:
+Four measures, because each covers a gap in the others:
 
 * every child leads its own session and process group, and is signalled as a
   group, so TEI's own children (a python backend) stop with it;
@@ -10,6 +10,9 @@ Three measures, because each covers a gap in the others:
   exits after 10 s idle, which would kill the child then. So `ProcessSpawner`
   forks from one dedicated thread that lives until the spawner closes, after
   every child is gone;
+* every child is the subreaper shim (`teisup.instances.shim`) running the
+  real command: when the manager dies it kills the whole tree, grandchildren
+  that left the process group included, which neither of the above reaches;
 * the manager is a child subreaper, so orphaned grandchildren come back to it
   to be reaped, and a start-up sweep kills whatever a previous manager left
   (found by the marker variables in ``/proc/<pid>/environ``).
@@ -23,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -34,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from .launch import INSTANCE_MARKER
+from .shim import MANAGER_GONE, shim_argv
 
 __all__ = [
     "ProcessSpawner",
@@ -62,6 +70,18 @@ def _child_setup(parent_pid: int) -> None:  # pragma: no cover - runs in the for
         os._exit(1)
 
 
+def _shim_setup(parent_pid: int) -> None:  # pragma: no cover - runs in the forked child
+    # What the shim needs from prctl, made here where ctypes is loaded already;
+    # both settings survive the exec. Its parent-death signal is one it
+    # catches, to kill its tree before it goes.
+    # Blocked across the exec, so that it waits for the shim, pending.
+    signal.pthread_sigmask(signal.SIG_BLOCK, [MANAGER_GONE])
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _libc.prctl(_PR_SET_PDEATHSIG, MANAGER_GONE, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def set_child_subreaper() -> bool:
     """Make this process a child subreaper; False where the kernel refuses."""
     return bool(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
@@ -78,14 +98,30 @@ class _SpawnRequest:
     error: BaseException | None = None
 
 
+def _check_executable(name: str, env: Mapping[str, str]) -> None:
+    """Raise what exec would (FileNotFoundError, PermissionError) for a
+    command that cannot run, before anything is forked for it."""
+    if shutil.which(name, path=env.get("PATH", os.defpath)) is not None:
+        return
+    if os.sep in name and os.path.exists(name):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
 class ProcessSpawner:
     """Forks children from one long-lived thread so PDEATHSIG stays armed.
+
+    Each child runs under the subreaper shim (``shim=False`` runs the command
+    itself, as before the shim, for comparison): the pid, the exit status,
+    the process group and the pipes are the shim's, which passes them
+    through.
 
     Use as an async context manager; leaving it stops the thread, so leave it
     only once every child it spawned has exited.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, shim: bool = True) -> None:
+        self.shim = shim
         self._requests: queue.SimpleQueue[_SpawnRequest | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -112,16 +148,22 @@ class ProcessSpawner:
     def _serve(self) -> None:
         parent = os.getpid()
         while (request := self._requests.get()) is not None:
+            argv = list(request.argv)
+            setup = _child_setup
             try:
+                if self.shim:
+                    _check_executable(argv[0], request.env)
+                    argv = shim_argv(parent, argv)
+                    setup = _shim_setup
                 request.process = subprocess.Popen(
-                    list(request.argv),
+                    argv,
                     env=dict(request.env),
                     cwd=request.cwd,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     start_new_session=True,
-                    preexec_fn=lambda: _child_setup(parent),
+                    preexec_fn=functools.partial(setup, parent),
                 )
             except BaseException as exc:  # reported to the caller, never lost here
                 request.error = exc
@@ -348,16 +390,23 @@ def _signal_leftover(pid: int, pidfd: int, sig: signal.Signals) -> None:
 
 
 def reap_adopted_orphans(owned: set[int]) -> list[int]:
-    """Reap zombie children of ours that nobody else waits for.
+    """Reap zombie children of ours that nobody else waits for; kill live
+    ones that come from an instance.
 
     As a subreaper (or as PID 1 in a container) the manager inherits orphaned
-    grandchildren; their zombies are reaped here. ``owned`` are the pids of
-    children whose owners wait for them themselves.
+    grandchildren; their zombies are reaped here. A live one carrying the
+    instance marker lost its shim (SIGKILLed with its group at the end of a
+    stop's grace) and gets SIGKILL, as its shim would have done. ``owned`` are
+    the pids of children whose owners wait for them themselves.
     """
     me = os.getpid()
     reaped = []
     for pid in _pids():
-        if pid in owned or _parent_of(pid) != me or proc_state(pid) != "Z":
+        if pid in owned or _parent_of(pid) != me:
+            continue
+        if proc_state(pid) != "Z":
+            if INSTANCE_MARKER in _environ(pid):
+                _kill_adopted(pid)
             continue
         try:
             os.waitpid(pid, os.WNOHANG)
@@ -369,3 +418,19 @@ def reap_adopted_orphans(owned: set[int]) -> list[int]:
             continue
         reaped.append(pid)
     return reaped
+
+
+def _kill_adopted(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # Still ours once pinned: a child of ours cannot be reused under us.
+        if _parent_of(pid) == os.getpid():
+            logger.warning("killing pid %d, left by an instance whose shim was killed", pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)

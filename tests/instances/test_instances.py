@@ -220,43 +220,49 @@ async def test_an_out_of_range_gpu_is_refused_naming_the_valid_ones(tmp_path: Pa
         assert info.gpu_id == 1
 
 
-async def test_kill_9_of_the_manager_leaves_no_instance_and_the_next_one_sweeps(
+async def test_kill_9_of_the_manager_leaves_no_process_of_any_instance_tree(
     tmp_path: Path,
 ) -> None:
     manager_id = f"test-kill9-{os.getpid()}"
     script = Path(__file__).with_name("orphan_check_manager.py")
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, str(script), manager_id, str(tmp_path)],
-                    stdout=subprocess.PIPE,
-                    check=False,
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                proc: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        [sys.executable, str(script), manager_id, str(tmp_path), "3"],
+                        stdout=subprocess.PIPE,
+                        check=False,
+                    )
                 )
-            )
-            assert proc.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "the manager exited before its instance ran"
-                line += chunk
-            pids = json.loads(line)
-            assert alive(pids["pid"])
-            assert alive(pids["grandchild"])
-            proc.kill()  # SIGKILL: no handler, no cleanup
-            assert await proc.wait() == -signal.SIGKILL
+                assert proc.stdout is not None
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some()
+                    assert chunk, "the manager exited before its instances ran"
+                    line += chunk
+                report = json.loads(line)
+                trees = {name: set(pids["tree"]) for name, pids in report.items()}
+                for name, pids in report.items():
+                    # Both grandchildren are in the tree, and one has left the
+                    # instance's process group: a group kill cannot reach it.
+                    assert {pids["pid"], pids["grandchild"], pids["detached"]} <= trees[name]
+                    assert os.getpgid(pids["detached"]) != pids["pid"]
+                    assert all(alive(pid) for pid in trees[name])
+                proc.kill()  # SIGKILL: no handler, no cleanup
+                assert await proc.wait() == -signal.SIGKILL
 
-        # PDEATHSIG: the instance dies with its manager, even from SIGKILL.
-        await wait_gone(pids["pid"])
-        assert not alive(pids["pid"])
-        # Its own child had no such arrangement and is orphaned, still marked.
-        assert alive(pids["grandchild"])
+        # Every process of every instance's tree goes with the manager,
+        # promptly, and with no successor's sweep to help.
+        with trio.move_on_after(15):
+            for pid in set().union(*trees.values()):
+                await wait_gone(pid)
+        assert not [pid for tree in trees.values() for pid in tree if alive(pid)]
+    finally:
         async with running_manager(tmp_path, manager_id=manager_id) as successor:
-            swept = await successor.sweep_leftovers()
-        assert swept == [pids["grandchild"]]
-        await wait_gone(pids["grandchild"])
-        assert not alive(pids["grandchild"])
+            swept = await successor.sweep_leftovers(grace=0.5)  # cleans up after a failure
+    assert swept == []
 
 
 async def test_an_instance_not_ready_within_its_budget_is_restarted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import trio
@@ -149,3 +150,99 @@ async def test_children_die_with_the_spawner_thread_and_only_then() -> None:
     for f in (proc.stdout, proc.stderr):
         assert f is not None
         f.close()
+
+
+# The subreaper shim every child runs under.
+
+DETACH = "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"
+
+
+async def test_the_exit_status_passes_through_the_shim_unchanged() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    async with ProcessSpawner() as spawner:
+        for script, status in [("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", -signal.SIGTERM)]:
+            proc = await spawner.spawn(["sh", "-c", script], env=env)
+            assert await wait_for_exit(proc) == status, script
+            for f in (proc.stdout, proc.stderr):
+                assert f is not None
+                f.close()
+
+
+async def test_a_signal_from_anyone_but_the_manager_is_forwarded_to_the_instance() -> None:
+    # The manager signals the whole group; anyone else may signal the pid it shows.
+    script = "trap 'echo got USR1; exit 5' USR1; echo ready; while :; do sleep 0.05; done"
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", script], env={"PATH": os.environ["PATH"]})
+        async with pipe(proc.stdout) as out:
+            assert await read_line(out) == b"ready"
+            await trio.run_process(["kill", "-USR1", str(proc.pid)])
+            with trio.fail_after(10):
+                assert await read_line(out) == b"got USR1"
+                assert await wait_for_exit(proc) == 5
+        for f in (proc.stdout, proc.stderr):
+            assert f is not None
+            f.close()
+
+
+async def test_what_an_instance_leaves_is_killed_when_it_exits_even_outside_its_group() -> None:
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", DETACH], env={"PATH": os.environ["PATH"]})
+        async with pipe(proc.stdout) as out:
+            detached = int(await read_line(out))
+        with trio.fail_after(10):
+            assert await wait_for_exit(proc) == 0
+            await wait_gone(detached)
+        assert proc_state(detached) in (None, "Z")
+        for f in (proc.stdout, proc.stderr):
+            assert f is not None
+            f.close()
+
+
+async def test_when_the_manager_goes_the_shim_takes_the_whole_tree_with_it() -> None:
+    # Closing the spawner ends the thread the children's parent-death signal is
+    # tied to: as when the manager dies.
+    script = f"{DETACH}; sleep 1000 & echo $!; wait"
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", script], env={"PATH": os.environ["PATH"]})
+        async with pipe(proc.stdout) as out:
+            detached, grandchild = int(await read_line(out)), int(await read_line(out))
+        assert os.getpgid(detached) != proc.pid
+        assert os.getpgid(grandchild) == proc.pid
+    with trio.fail_after(10):
+        assert await wait_for_exit(proc) == -signal.SIGKILL
+        await wait_gone(detached)
+        await wait_gone(grandchild)
+    assert proc_state(detached) in (None, "Z")
+    for f in (proc.stdout, proc.stderr):
+        assert f is not None
+        f.close()
+
+
+async def test_a_binary_that_is_not_executable_is_refused_before_any_fork(tmp_path: Path) -> None:
+    binary = tmp_path / "router"
+    binary.write_text("#!/bin/sh\n")
+    async with ProcessSpawner() as spawner:
+        with pytest.raises(PermissionError, match=str(binary)):
+            await spawner.spawn([str(binary)], env={})
+
+
+async def test_what_a_killed_shim_leaves_comes_back_to_the_manager_and_is_killed() -> None:
+    # A stop's SIGKILL takes the shim and its group, not a grandchild that left
+    # the group: the orphan comes back to the manager (a subreaper), which
+    # kills it when it finds the instance marker on it.
+    assert set_child_subreaper()
+    env = {"PATH": os.environ["PATH"], "TEISUP_INSTANCE": "x"}
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", f"{DETACH}; wait"], env=env)
+        async with pipe(proc.stdout) as out:
+            detached = int(await read_line(out))
+        assert kill_group(proc.pid, signal.SIGKILL)
+        assert await wait_for_exit(proc) == -signal.SIGKILL
+        assert proc_state(detached) not in (None, "Z")
+        reap_adopted_orphans(spawner.owned_pids())
+        with trio.fail_after(10):
+            await wait_gone(detached)
+        assert detached in reap_adopted_orphans(spawner.owned_pids())
+        for f in (proc.stdout, proc.stderr):
+            assert f is not None
+            f.close()
