@@ -145,7 +145,8 @@ async def test_a_hung_process_is_found_unhealthy_and_restarted(tmp_path: Path) -
                 await wait_for(events, "bge-small", ChildState.RUNNING)
                 hung = manager.get("bge-small").pid
                 assert hung is not None
-                os.kill(hung, signal.SIGSTOP)  # alive, but answers nothing
+                # The whole instance (the pid shown is its shim): alive, answering nothing.
+                os.killpg(hung, signal.SIGSTOP)
                 unhealthy = await wait_for(events, "bge-small", ChildState.UNHEALTHY)
                 assert "health check failed (1)" in unhealthy.reason
                 backoff = await wait_for(events, "bge-small", ChildState.BACKOFF)

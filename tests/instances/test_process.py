@@ -154,7 +154,9 @@ async def test_children_die_with_the_spawner_thread_and_only_then() -> None:
 
 # The subreaper shim every child runs under.
 
-DETACH = "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"
+#: Prints the pid of a ``sleep`` in a session of its own once it is there;
+#: its parent (a subshell) has exited by then.
+DETACH = "pid=$(setsid sh -c 'echo $$; exec sleep 1000 </dev/null >/dev/null 2>&1' &); echo $pid"
 
 
 async def test_the_exit_status_passes_through_the_shim_unchanged() -> None:
@@ -233,7 +235,7 @@ async def test_what_a_killed_shim_leaves_comes_back_to_the_manager_and_is_killed
     assert set_child_subreaper()
     env = {"PATH": os.environ["PATH"], "TEISUP_INSTANCE": "x"}
     async with ProcessSpawner() as spawner:
-        proc = await spawner.spawn(["sh", "-c", f"{DETACH}; wait"], env=env)
+        proc = await spawner.spawn(["sh", "-c", f"{DETACH}; exec sleep 1000"], env=env)
         async with pipe(proc.stdout) as out:
             detached = int(await read_line(out))
         assert kill_group(proc.pid, signal.SIGKILL)
