@@ -44,6 +44,27 @@ _NAME = [
     }
 ]
 _INSTANCE = {"description": "the instance", **_json_body(_ref("InstanceInfo"))}
+#: A lifecycle call's answer: applied, and whether it is on disk yet.
+_DURABLE = {
+    "X-Teisup-Durable": {
+        "description": "whether the state file holds this change yet (the writer retries)",
+        "required": True,
+        "schema": {"type": "string", "enum": ["true", "false"]},
+    }
+}
+_APPLIED_BODY = _json_body(
+    {
+        "allOf": [
+            _ref("InstanceInfo"),
+            {
+                "type": "object",
+                "properties": {"durable": {"type": "boolean"}},
+                "required": ["durable"],
+            },
+        ]
+    }
+)
+_APPLIED = {"description": "the instance, changed", "headers": _DURABLE, **_APPLIED_BODY}
 #: The longest ``?wait=`` (seconds); the app refuses more with 422.
 MAX_WAIT = 900.0
 _WAIT = [
@@ -118,7 +139,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "summary": "Create an instance and start it (answers at once, state starting)",
             "requestBody": {"required": True, **_json_body(_ref("InstanceSpec"))},
             "responses": {
-                "201": _INSTANCE,
+                "201": _APPLIED,
                 "400": _ERROR,
                 "409": _ERROR,
                 "413": _ERROR,
@@ -147,7 +168,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "delete": {
             "summary": "Stop and forget an instance",
             "parameters": _NAME,
-            "responses": {"204": {"description": "deleted"}, "404": _ERROR},
+            "responses": {"204": {"description": "deleted", "headers": _DURABLE}, "404": _ERROR},
         },
     },
     **{
@@ -155,7 +176,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "post": {
                 "summary": f"{action.capitalize()} an instance (idempotent)",
                 "parameters": _NAME,
-                "responses": {"200": _INSTANCE, "404": _ERROR, "409": _ERROR},
+                "responses": {"200": _APPLIED, "404": _ERROR, "409": _ERROR},
             }
         }
         for action in ("start", "stop", "restart")
