@@ -8,14 +8,18 @@ test's directory if there is one (the instance's name comes from the
 one manager gets its own ``FAKE_TEI_*`` behaviour, and a test can change it
 between two runs of the same instance. `Teisup.knobs` writes that file.
 
-Instance ports come from the manager's default range (8080-8179): another
-teisup may hold some of them, which the allocator must cope with; no test
-expects a particular port.
+Instance and Prometheus ports come from a block of 64 picked at random below
+the kernel's ephemeral range, not from the default 8080-8179 and 9100-9199:
+another teisup (another test run on the same machine) may hold those, and
+an instance answered by another's process is a fault of its own (issue 11
+item 4) that only its own test should meet. No test expects a particular
+port.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -160,7 +164,13 @@ async def teisup(
     router = root / "text-embeddings-router"
     router.write_text(ROUTER.format(knobs=knobs, python=sys.executable, fake=FAKE_TEI))
     router.chmod(0o755)
-    (root / "teisup.toml").write_text(config)
+    base = random.randrange(10_000, 30_000, 64)
+    ports = (
+        f"instance_port_start = {base}\ninstance_port_end = {base + 64}\n"
+        f"prometheus_port_start = {base + 64}\nprometheus_port_end = {base + 128}\n"
+    )
+    # A test's own port keys win (TOML refuses a key twice, so only one set).
+    (root / "teisup.toml").write_text(config if "instance_port_start" in config else ports + config)
     port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "teisup", "-c", str(root / "teisup.toml"),
@@ -201,6 +211,10 @@ async def teisup(
         assert proc.returncode is None, "\n".join(running.log)
         try:
             yield running
+        except BaseException:
+            # What the manager said is the first thing to read when a test fails.
+            print("\n".join(["teisup's log, last lines:", *running.log[-60:]]), file=sys.stderr)
+            raise
         finally:
             await running.http.aclose()
             if proc.returncode is None:
