@@ -362,7 +362,6 @@ async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
     server = Server(args.port, host=BIND_HOST)
     server.add_service(FakeHealth(hung))
     server.add_service(FakeInfo(info_response(args), hung))
-    exit_code = 0
     stop_signals = [signal.SIGINT] if knobs.ignore_sigterm else [signal.SIGTERM, signal.SIGINT]
     # Installed before Ready, so a signal sent by someone who saw Ready is handled.
     with trio.open_signal_receiver(*stop_signals) as signals:
@@ -381,11 +380,13 @@ async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
                 log.info(GRPC_READY, "Ready")
 
             async def crash(after: float) -> None:
-                nonlocal exit_code
                 await trio.sleep(after)
                 fatal("fake crash", f"FAKE_TEI_CRASH_AFTER={after:g} elapsed")
-                exit_code = knobs.exit_code
-                nursery.cancel_scope.cancel()
+                # A crash ends the process at once, as a panicking TEI does: the
+                # socket closes with the exit, never long before it (an orderly
+                # teardown on a loaded machine would read as unhealthy first).
+                sys.stdout.flush()
+                os._exit(knobs.exit_code)
 
             async def hang(after: float) -> None:
                 await trio.sleep(after)
@@ -399,7 +400,7 @@ async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
                 log.info(SHUTDOWN, "signal received, starting graceful shutdown")
                 break
             nursery.cancel_scope.cancel()
-    return exit_code
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,22 +260,26 @@ async def test_model_replicas_keep_serving_while_one_restarts(
                     )
                     if response.status_code != 200:
                         failures.append(response.text)
-                        continue
+                        bounded.cancel()  # one failure fails the test: stop at once
+                        return
                     served += 1
                     for count, event in reached.items():
                         if served >= count:
                             event.set()
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(client)
-            await milestone(10).wait()  # both replicas are under load
-            restart = await t.http.post("/instances/rep-a/restart")
-            assert restart.status_code == 200, restart.text
-            await wait_state(t, "rep-a", "running")
-            await milestone(served + 20).wait()  # and serve again after the restart
-            done.set()
+        # Bounded: if the replicas stop serving, the milestones never come.
+        with trio.move_on_after(600) as bounded:
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(client)
+                await milestone(10).wait()  # both replicas are under load
+                restart = await t.http.post("/instances/rep-a/restart")
+                assert restart.status_code == 200, restart.text
+                await wait_state(t, "rep-a", "running")
+                await milestone(served + 20).wait()  # and serve again after the restart
+                done.set()
         assert failures == []
+        assert not bounded.cancelled_caught, f"only {served} calls served in 600 s"
         scrape = (await t.http.get("/metrics")).text
         for name in ("rep-a", "rep-b"):
             assert (

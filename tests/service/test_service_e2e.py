@@ -146,8 +146,17 @@ async def status_of_announced_body(
 SMALL = {"name": "bge-small", "model_id": "BAAI/bge-small-en-v1.5"}
 
 
+# Generous: a real model loads in seconds on a quiet machine, in a minute or
+# more when other suites share its two cores; only a hang should fail here.
+WAIT_STATE_SECONDS = 120
+
+
 async def wait_state(t: Teisup, name: str, state: str) -> dict[str, object]:
-    response = await t.http.get(f"/instances/{name}", params={"wait": state, "timeout": 20})
+    response = await t.http.get(
+        f"/instances/{name}",
+        params={"wait": state, "timeout": WAIT_STATE_SECONDS},
+        timeout=WAIT_STATE_SECONDS + 10,
+    )
     assert response.status_code == 200, response.text
     body: dict[str, object] = response.json()
     return body
