@@ -36,10 +36,12 @@ import pyarrow as pa
 import trio
 
 from .proto.tei.v1 import tei_pb2
-from .proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
-from .rpc import RpcError, call_with_deadline, open_channel
+from .proto.tei_multiplexer.v1 import multiplexer_pb2
+from .rpc import Channel, RpcError, call_with_deadline, open_channel
 
 __all__ = ["main", "run_bench"]
+
+SERVICE = "tei_multiplexer.v1.TeiMultiplexer"
 
 WORDS = [
     "supervisor",
@@ -107,45 +109,47 @@ async def run_bench(
     done = {"successful": 0, "failed": 0}
     errors: dict[str, int] = {}
 
-    async def one(stub: multiplexer_grpc.TeiMultiplexerStub, batch: list[str]) -> None:
+    async def one(channel: Channel, batch: list[str]) -> None:
         if mode == "arrow":
-            response = await stub.EmbedArrow(
-                multiplexer_pb2.EmbedArrowRequest(
-                    target=target, arrow_ipc=arrow_ipc(batch), noop=noop
-                ),
-                metadata=metadata,
+            request = multiplexer_pb2.EmbedArrowRequest(
+                target=target, arrow_ipc=arrow_ipc(batch), noop=noop
             )
+            response = await channel.unary(
+                SERVICE, "EmbedArrow", request, multiplexer_pb2.EmbedArrowResponse,
+                metadata=metadata,
+            )  # fmt: skip
             rows = pa.ipc.open_stream(response.arrow_ipc).read_all().num_rows
             if rows != len(batch):
                 raise RuntimeError(f"{rows} rows back for {len(batch)} texts")
         elif mode == "stream":
-            # purerpc's raw stream API: send and receive at once, no helper
-            # generators left behind when a call ends early.
-            call = await stub.EmbedStream(metadata=metadata)
             count = 0
-            async with trio.open_nursery() as nursery:
+            async with (
+                channel.stream(
+                    SERVICE, "EmbedStream", multiplexer_pb2.EmbedRequest, tei_pb2.EmbedResponse,
+                    metadata=metadata,
+                ) as call,
+                trio.open_nursery() as nursery,
+            ):  # fmt: skip
 
                 async def send() -> None:
                     for text in batch:
-                        await call.send_message(
+                        await call.send(
                             multiplexer_pb2.EmbedRequest(
                                 target=target, request=tei_pb2.EmbedRequest(inputs=text)
                             )
                         )
-                    await call.close()
+                    await call.done_sending()
 
                 nursery.start_soon(send)
-                while await call.receive_message() is not None:
+                while await call.receive() is not None:
                     count += 1
             if count != len(batch):
                 raise RuntimeError(f"{count} responses for {len(batch)} texts")
         else:
-            await stub.Embed(
-                multiplexer_pb2.EmbedRequest(
-                    target=target, request=tei_pb2.EmbedRequest(inputs=batch[0])
-                ),
-                metadata=metadata,
+            request = multiplexer_pb2.EmbedRequest(
+                target=target, request=tei_pb2.EmbedRequest(inputs=batch[0])
             )
+            await channel.unary(SERVICE, "Embed", request, tei_pb2.EmbedResponse, metadata=metadata)
 
     async def worker(queue: trio.MemoryReceiveChannel[list[str]]) -> None:
         current: list[str] = []  # the batch in flight, if the connection dies under it
@@ -155,13 +159,12 @@ async def run_bench(
             async with open_channel(
                 host, port, ssl_context=ssl_context, max_message_length=max_message_length
             ) as channel:
-                stub = multiplexer_grpc.TeiMultiplexerStub(channel)
                 async for batch in queue:
                     current = batch
                     began = time.perf_counter()
                     try:
                         await call_with_deadline(
-                            partial(one, stub, batch), timeout=timeout, target=f"{host}:{port}"
+                            partial(one, channel, batch), timeout=timeout, target=f"{host}:{port}"
                         )
                     except (RpcError, RuntimeError) as exc:
                         done["failed"] += len(batch)

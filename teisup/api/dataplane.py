@@ -28,17 +28,14 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from purerpc import RpcFailedError, StatusCode
 from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..grpc import MultiplexerService
-from ..grpc.observe import observed, status_name
-from ..grpc.pool import unary
 from ..proto.tei.v1 import tei_pb2
 from ..proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
-from ..rpc import Channel
+from ..rpc import RpcStatusError, StatusCode
 from .errors import OpenAIError, OpenAIErrorDetail, TeiError
 from .jsonbody import JsonTooDeep, decode_json
 from .responses import json_response as _json
@@ -127,10 +124,9 @@ class DataPlaneError(Exception):
         return OpenAIError(OpenAIErrorDetail(self.message, self.error_type, self.code))
 
     @classmethod
-    def from_status(cls, exc: RpcFailedError) -> DataPlaneError:
-        code = exc.status.status_code
-        http, error_type = _STATUS.get(code, (502, "Backend"))
-        return cls(http, error_type, status_name(code), exc.status.status_message)
+    def from_status(cls, exc: RpcStatusError) -> DataPlaneError:
+        http, error_type = _STATUS.get(exc.code, (502, "Backend"))
+        return cls(http, error_type, exc.code_name, exc.details)
 
 
 def _direction(name: str) -> Any:
@@ -206,12 +202,10 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         record = data.route(target)
         if len(requests) > 1:
             return await data.stream_all(record, service, stream_method, requests, response_type)
-
-        async def call(channel: Channel) -> Any:
-            return await unary(channel, service, unary_method, requests[0], response_type)
-
-        timeout = data.unary_timeout()
-        return [await data.call_target(target, call, timeout=timeout, routed=record)]
+        answer = await data.forward(
+            target, service, unary_method, requests[0], response_type, routed=record
+        )
+        return [answer]
 
     async def answer(
         method: str,
@@ -219,10 +213,10 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         error_body: Callable[[DataPlaneError], Any],
     ) -> Response:
         """``produce()`` as JSON, or its error as ``error_body`` gives it; observed either way."""
-        with observed(data.observer, "http", method) as record:
+        with data.observe("http", method) as record:
             try:
                 return _json(await produce())
-            except RpcFailedError as exc:
+            except RpcStatusError as exc:
                 error = DataPlaneError.from_status(exc)
             except DataPlaneError as exc:
                 error = exc

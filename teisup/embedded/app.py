@@ -166,10 +166,9 @@ async def serve(
     """
     from teisup.rpc import ServingStatus
 
-    from ..rpc import ReflectionService
     from .batcher import Batcher
     from .metrics import Metrics, serve_metrics
-    from .server import EmbeddedServer
+    from .server import tei_server
     from .service import TEI_SERVICES, TeiHealth, TeiServices, model_services
 
     buckets = [float(2**i) for i in range(engine.max_input_length.bit_length())]
@@ -195,14 +194,13 @@ async def serve(
     except ValueError as exc:
         fatal("Could not create the router", str(exc))
         return 1
-    server = EmbeddedServer(
-        settings.port, host=settings.hostname, api_key=settings.api_key, protected=TEI_SERVICES
+    server = tei_server(
+        settings.port,
+        host=settings.hostname,
+        services=[*services.services(), health],
+        api_key=settings.api_key,
+        protected=TEI_SERVICES,
     )
-    for service in services.services():
-        server.add_service(service)
-    server.add_service(health)
-    names = [*server.service_names, "grpc.reflection.v1alpha.ServerReflection"]
-    server.add_service(ReflectionService(names))
 
     exit_code = 0
     with contextlib.ExitStack() as stack:

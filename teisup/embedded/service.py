@@ -20,33 +20,36 @@ Semantics are TEI 1.8.3's gRPC router (``router/src/grpc/server.rs``):
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import purerpc
 import trio
-from purerpc import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-)
 
 from teisup.proto.grpc.health.v1 import health_pb2
-from teisup.proto.tei.v1 import tei_grpc, tei_pb2
-from teisup.rpc import HealthServicer, ServingStatus
+from teisup.proto.tei.v1 import tei_pb2
+from teisup.rpc import (
+    Handler,
+    HealthServicer,
+    Method,
+    RpcStatusError,
+    Service,
+    ServingStatus,
+    StatusCode,
+    current_call,
+)
 
-from .batcher import Batcher, BatchError, Job, OpenStream
+from . import validation
+from .batcher import Batcher, BatchError, Job
+from .calls import CallShapes
 from .cli import TEI_VERSION, Settings
 from .engine import Encoded, Engine, ModelKind
 from .metrics import Metrics
-from .server import current_call
+from .validation import ErrorKind, TeiError
 
 __all__ = [
     "TEI_SERVICES",
@@ -90,55 +93,9 @@ class TeiHealth(HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         status = self.statuses.get(input_message.service)
         if status is None:
-            raise NotFoundError("service not registered")  # tonic-health's words
+            # tonic-health's words
+            raise RpcStatusError(StatusCode.NOT_FOUND, "service not registered")
         return health_pb2.HealthCheckResponse(status=status.name)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _empty(message: str) -> InvalidArgumentError:
-    return InvalidArgumentError(message)
-
-
-def _validation(message: str) -> InvalidArgumentError:
-    return InvalidArgumentError(message)
-
-
-def _backend(message: str) -> FailedPreconditionError:
-    return FailedPreconditionError(f"Backend error: {message}")
-
-
-# --------------------------------------------------------------------------- handlers
-
-
-class _Sends:
-    """A handler that sends through `Call.send` (see `EmbeddedServer`)."""
-
-    __teisup_sends__ = True
-
-    def __init__(self, raw: Callable[[Any], Awaitable[None]]) -> None:
-        self.raw = raw
-
-    async def __call__(self, arg: Any, request: Any) -> None:  # pragma: no cover - unused
-        await self.raw(arg)
-
-
-_TWO_ARGS = inspect.Signature(
-    [
-        inspect.Parameter("arg", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-    ]
-)
-
-
-def _service(template: purerpc.Servicer, handlers: dict[str, _Sends]) -> purerpc.Service:
-    """A purerpc Service with ``template``'s name and signatures and our handlers."""
-    generated = template.service
-    service = purerpc.Service(generated.name)
-    for name, bound in generated.methods.items():
-        service.add_method(name, handlers[name], bound.signature, method_signature=_TWO_ARGS)
-    return service
 
 
 @dataclass(slots=True)
@@ -150,13 +107,26 @@ class _Timing:
     inference_ns: int = 0
 
 
-@dataclass(slots=True)
-class _Ready:
-    """One stream answer to come: set once its computation ends, in any order."""
+# Each RPC that TEI serves both ways: (service, unary method, stream method,
+# the TeiServices method that answers one request of either).
+_PAIRS = (
+    ("tei.v1.Embed", "Embed", "EmbedStream", "embed"),
+    ("tei.v1.Embed", "EmbedSparse", "EmbedSparseStream", "embed_sparse"),
+    ("tei.v1.Embed", "EmbedAll", "EmbedAllStream", "embed_all"),
+    ("tei.v1.Predict", "Predict", "PredictStream", "predict"),
+    ("tei.v1.Predict", "PredictPair", "PredictPairStream", "predict_pair"),
+    ("tei.v1.Tokenize", "Tokenize", "TokenizeStream", "tokenize"),
+    ("tei.v1.Tokenize", "Decode", "DecodeStream", "decode"),
+)
 
-    done: trio.Event
-    response: Any = None
-    error: BaseException | None = None
+
+def _method(service: str, name: str, handler: Handler) -> Method:
+    """``name`` of ``service`` with its message types from the ``tei.v1`` descriptors."""
+    descriptor = tei_pb2.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
+    rpc = descriptor.methods_by_name[name]
+    request = getattr(tei_pb2, rpc.input_type.name)
+    response = getattr(tei_pb2, rpc.output_type.name)
+    return Method(request, response, handler)
 
 
 class TeiServices:
@@ -170,6 +140,7 @@ class TeiServices:
         self.settings = settings
         self.metrics = metrics
         self.max_parallel_stream = int(os.environ.get("GRPC_MAX_PARALLEL_STREAM_REQUESTS", "1024"))
+        self.shapes = CallShapes(batcher, metrics, max_parallel_stream=self.max_parallel_stream)
         self._prompts: dict[str, str] = dict(getattr(engine.model, "prompts", None) or {})
         self._default_prompt = settings.default_prompt
         if settings.default_prompt_name is not None:
@@ -180,124 +151,22 @@ class TeiServices:
                 )
             self._default_prompt = self._prompts[settings.default_prompt_name]
 
-    def services(self) -> list[purerpc.Service]:
-        """The five ``tei.v1`` services, ready for `EmbeddedServer.add_service`."""
-        s = _Sends
-        return [
-            _service(tei_grpc.InfoServicer(), {"Info": s(self._unary(self.info))}),
-            _service(
-                tei_grpc.EmbedServicer(),
-                {
-                    "Embed": s(self._unary(self.embed)),
-                    "EmbedStream": s(self._stream(self.embed_one)),
-                    "EmbedSparse": s(self._unary(self.embed_sparse)),
-                    "EmbedSparseStream": s(self._stream(self.embed_sparse_one)),
-                    "EmbedAll": s(self._unary(self.embed_all)),
-                    "EmbedAllStream": s(self._stream(self.embed_all_one)),
-                },
-            ),
-            _service(
-                tei_grpc.PredictServicer(),
-                {
-                    "Predict": s(self._unary(self.predict)),
-                    "PredictPair": s(self._unary(self.predict_pair)),
-                    "PredictStream": s(self._stream(self.predict_one)),
-                    "PredictPairStream": s(self._stream(self.predict_pair_one)),
-                },
-            ),
-            _service(
-                tei_grpc.RerankServicer(),
-                {"Rerank": s(self._unary(self.rerank)), "RerankStream": s(self.rerank_stream)},
-            ),
-            _service(
-                tei_grpc.TokenizeServicer(),
-                {
-                    "Tokenize": s(self._unary(self.tokenize)),
-                    "TokenizeStream": s(self._stream(self.tokenize_one)),
-                    "Decode": s(self._unary(self.decode)),
-                    "DecodeStream": s(self._stream(self.decode_one)),
-                },
-            ),
-        ]
+    def services(self) -> list[Service]:
+        """The five ``tei.v1`` services, ready for `teisup.rpc.Server.add_service`."""
+        shapes = self.shapes
+        methods: dict[str, dict[str, Method]] = {}
 
-    # -- call shapes -------------------------------------------------------------
+        def add(service: str, name: str, handler: Handler) -> None:
+            methods.setdefault(service, {})[name] = _method(service, name, handler)
 
-    @staticmethod
-    def _unary(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[None]]:
-        async def handle(request: Any) -> None:
-            response = await fn(request)
-            await current_call().send(response)
-
-        return handle
-
-    def _stream(
-        self, one: Callable[[Any], Awaitable[Any]]
-    ) -> Callable[[AsyncIterator[Any]], Awaitable[None]]:
-        """A bidi handler: every request computed concurrently, answered in order."""
-
-        async def handle(requests: AsyncIterator[Any]) -> None:
-            call = current_call()
-            pending_send, pending_receive = trio.open_memory_channel[_Ready](
-                self.max_parallel_stream
-            )
-
-            failure: BaseException | None = None
-            opened = OpenStream()
-
-            async def compute(request: Any, slot: _Ready) -> None:
-                try:
-                    slot.response = await one(request)
-                except purerpc.RpcFailedError as exc:
-                    slot.error = exc
-                finally:
-                    slot.done.set()
-
-            async with trio.open_nursery() as nursery:
-
-                async def read() -> None:
-                    # While the client may send more, an idle batcher waits a
-                    # moment for them to join the batch (Batcher.gather).
-                    with self.batcher.stream_open(opened):
-                        async with pending_send:
-                            async for request in requests:
-                                opened.on_request()
-                                slot = _Ready(trio.Event())
-                                try:
-                                    pending_send.send_nowait(slot)
-                                except trio.WouldBlock:
-                                    # Waits when max_parallel answers are outstanding.
-                                    await pending_send.send(slot)
-                                nursery.start_soon(compute, request, slot)
-
-                nursery.start_soon(read)
-                async with pending_receive:
-                    while True:
-                        # Answers that are ready go out back to back, with no
-                        # checkpoint in between, so purerpc's writer sends
-                        # them in one write instead of one write each.
-                        try:
-                            slot = pending_receive.receive_nowait()
-                        except trio.WouldBlock:
-                            try:
-                                slot = await pending_receive.receive()
-                            except trio.EndOfChannel:
-                                break
-                        except trio.EndOfChannel:
-                            break
-                        if not slot.done.is_set():
-                            await slot.done.wait()
-                        if slot.error is not None:
-                            # The first error ends the stream: drop the rest.
-                            failure = slot.error
-                            nursery.cancel_scope.cancel()
-                            break
-                        await call.send(slot.response)
-                        opened.on_answer()
-            if failure is not None:
-                # Raised out here, not in the nursery, so it is not wrapped in a group.
-                raise failure
-
-        return handle
+        add("tei.v1.Info", "Info", shapes.unary(self.info))
+        for service, unary, stream, implementation in _PAIRS:
+            one = getattr(self, implementation)
+            add(service, unary, shapes.unary(one))
+            add(service, stream, shapes.ordered_stream(one))
+        add("tei.v1.Rerank", "Rerank", shapes.unary(self.rerank))
+        add("tei.v1.Rerank", "RerankStream", shapes.collected(self.rerank_stream))
+        return [Service(name, table) for name, table in methods.items()]
 
     # -- shared pieces -----------------------------------------------------------
 
@@ -305,58 +174,27 @@ class TeiServices:
         try:
             self.batcher.permits.acquire_nowait()
         except trio.WouldBlock:
-            self.metrics.inc("te_request_failure", err="overloaded")
-            raise ResourceExhaustedError("Model is overloaded") from None
+            raise TeiError(ErrorKind.OVERLOADED, "Model is overloaded") from None
 
     def _with_prompt(self, text: str, request: Any) -> str:
-        if request.HasField("prompt_name"):
-            name = request.prompt_name
-            if name not in self._prompts:
-                self.metrics.inc("te_request_failure", err="validation")
-                raise _validation(
-                    f"Input validation error: Prompt name `{name}` was not found in the "
-                    f"list of available prompts"
-                )
-            return self._prompts[name] + text
-        if self._default_prompt is not None:
-            return self._default_prompt + text
-        return text
+        name = request.prompt_name if request.HasField("prompt_name") else None
+        return validation.prompt_prefix(self._prompts, name, self._default_prompt) + text
 
     def _prepare(
         self, text: str, pair: str | None, truncate: bool, direction: int, timing: _Timing
     ) -> Encoded:
         """Validate and tokenize one input (TEI's router-side validation)."""
         started = time.perf_counter_ns()
-        if not text and not pair:
-            self.metrics.inc("te_request_failure", err="validation")
-            raise _empty("Input validation error: `inputs` cannot be empty")
         limit = self.engine.max_input_length
-        char_limit = limit * 250
-        chars = len(text) + (len(pair) if pair else 0)
-        if chars > char_limit:
-            if not truncate:
-                self.metrics.inc("te_request_failure", err="validation")
-                raise _validation(
-                    f"Input validation error: `inputs` must have less than {char_limit} "
-                    f"characters. Given: {chars}"
-                )
-            text = text[:char_limit]
-            pair = pair[:char_limit] if pair else pair
+        text, pair, chars = validation.check_input(text, pair, limit, truncate)
         try:
             encoded = self.engine.encode(text, pair)
-            if len(encoded.ids) > limit:
-                if not truncate:
-                    self.metrics.inc("te_request_failure", err="validation")
-                    raise _validation(
-                        f"Input validation error: `inputs` must have less than {limit} tokens. "
-                        f"Given: {len(encoded.ids)}"
-                    )
+            if validation.check_tokens(len(encoded.ids), limit, truncate):
                 encoded = self.engine.encode(text, pair, truncate_to=limit, left=direction == _LEFT)
-        except purerpc.RpcFailedError:
+        except TeiError:
             raise
         except Exception as exc:
-            self.metrics.inc("te_request_failure", err="tokenization")
-            raise FailedPreconditionError(f"Tokenizer error: {exc}") from exc
+            raise TeiError(ErrorKind.TOKENIZER, f"Tokenizer error: {exc}") from exc
         self.metrics.observe("te_request_input_length", len(encoded.ids))
         timing.chars += chars
         timing.tokens += len(encoded.ids)
@@ -377,10 +215,21 @@ class TeiServices:
         try:
             job = await self.batcher.submit(encoded, want_tokens=want_tokens)
         except BatchError as exc:
-            raise _backend(str(exc)) from exc
+            raise TeiError(ErrorKind.BACKEND, f"Backend error: {exc}") from exc
         timing.queue_ns += job.queue_ns
         timing.inference_ns += job.inference_ns
         return job
+
+    async def _single(
+        self, counter: str, unary: bool, work: Callable[[int], Awaitable[Any]]
+    ) -> Any:
+        """One single-input request: counted, timed from now, run under a permit."""
+        started = time.perf_counter_ns()
+        self.metrics.inc("te_request_count", method="single")
+        self.metrics.inc(counter)
+        response = await self._permitted(unary, lambda: work(started))
+        self.metrics.inc("te_request_success", method="single")
+        return response
 
     async def _permitted(self, unary: bool, work: Callable[[], Awaitable[Any]]) -> Any:
         if unary:
@@ -442,14 +291,9 @@ class TeiServices:
             )
         return metadata
 
-    def _require(self, ok: bool, message: str) -> None:
-        if not ok:
-            self.metrics.inc("te_request_failure", err="model_type")
-            raise FailedPreconditionError(message)
-
     # -- Info ----------------------------------------------------------------------
 
-    async def info(self, request: tei_pb2.InfoRequest) -> tei_pb2.InfoResponse:
+    async def info(self, request: tei_pb2.InfoRequest, unary: bool = True) -> tei_pb2.InfoResponse:
         """``tei.v1.Info/Info``."""
         s = self.settings
         fields: dict[str, Any] = {
@@ -471,31 +315,14 @@ class TeiServices:
 
     # -- Embed ---------------------------------------------------------------------
 
-    async def _embed(self, request: tei_pb2.EmbedRequest, unary: bool) -> tei_pb2.EmbedResponse:
-        started = time.perf_counter_ns()
-        self.metrics.inc("te_request_count", method="single")
-        self.metrics.inc("te_embed_count")
+    async def embed(self, request: tei_pb2.EmbedRequest, unary: bool) -> tei_pb2.EmbedResponse:
+        """``tei.v1.Embed/Embed`` (and one message of EmbedStream): one pooled embedding."""
         engine = self.engine
 
-        async def work() -> tei_pb2.EmbedResponse:
-            self._require(
-                engine.kind is ModelKind.EMBEDDING, "Backend error: Model is not an embedding model"
-            )
-            if engine.splade and request.normalize:
-                self._require(
-                    False, "Backend error: `normalize` is not available for SPLADE models"
-                )
+        async def work(started: int) -> tei_pb2.EmbedResponse:
+            validation.check_embed(engine.kind, engine.splade, request.normalize)
             if request.HasField("dimensions"):
-                dims = engine.dimensions
-                if request.dimensions == 0:
-                    self.metrics.inc("te_request_failure", err="validation")
-                    raise _validation("Input validation error: `dimensions` should be positive")
-                if request.dimensions > dims:
-                    self.metrics.inc("te_request_failure", err="validation")
-                    raise _validation(
-                        "Input validation error: `dimensions` should be smaller than the "
-                        "maximum embedding dimension."
-                    )
+                validation.check_dimensions(request.dimensions, engine.dimensions)
             timing = _Timing()
             text = self._with_prompt(request.inputs, request)
             job = await self._compute(
@@ -512,30 +339,16 @@ class TeiServices:
             metadata = self._finish("embed", started, timing, unary)
             return tei_pb2.EmbedResponse(embeddings=vector.tolist(), metadata=metadata)
 
-        response: tei_pb2.EmbedResponse = await self._permitted(unary, work)
-        self.metrics.inc("te_request_success", method="single")
+        response: tei_pb2.EmbedResponse = await self._single("te_embed_count", unary, work)
         return response
 
-    async def embed(self, request: tei_pb2.EmbedRequest) -> tei_pb2.EmbedResponse:
-        """``tei.v1.Embed/Embed``: one pooled embedding."""
-        return await self._embed(request, unary=True)
-
-    async def embed_one(self, request: tei_pb2.EmbedRequest) -> tei_pb2.EmbedResponse:
-        """One message of ``tei.v1.Embed/EmbedStream``."""
-        return await self._embed(request, unary=False)
-
-    async def _embed_sparse(
+    async def embed_sparse(
         self, request: tei_pb2.EmbedSparseRequest, unary: bool
     ) -> tei_pb2.EmbedSparseResponse:
-        started = time.perf_counter_ns()
-        self.metrics.inc("te_request_count", method="single")
-        self.metrics.inc("te_embed_count")
+        """``tei.v1.Embed/EmbedSparse`` (and EmbedSparseStream): the non-zero SPLADE weights."""
 
-        async def work() -> tei_pb2.EmbedSparseResponse:
-            self._require(
-                self.engine.kind is ModelKind.EMBEDDING and self.engine.splade,
-                "Backend error: Model is not an embedding model with SPLADE pooling",
-            )
+        async def work(started: int) -> tei_pb2.EmbedSparseResponse:
+            validation.check_embed_sparse(self.engine.kind, self.engine.splade)
             timing = _Timing()
             text = self._with_prompt(request.inputs, request)
             job = await self._compute(
@@ -549,34 +362,16 @@ class TeiServices:
             metadata = self._finish("embed", started, timing, unary)
             return tei_pb2.EmbedSparseResponse(sparse_embeddings=values, metadata=metadata)
 
-        response: tei_pb2.EmbedSparseResponse = await self._permitted(unary, work)
-        self.metrics.inc("te_request_success", method="single")
+        response: tei_pb2.EmbedSparseResponse = await self._single("te_embed_count", unary, work)
         return response
 
-    async def embed_sparse(self, request: tei_pb2.EmbedSparseRequest) -> Any:
-        """``tei.v1.Embed/EmbedSparse``: the non-zero SPLADE weights."""
-        return await self._embed_sparse(request, unary=True)
-
-    async def embed_sparse_one(self, request: tei_pb2.EmbedSparseRequest) -> Any:
-        """One message of ``tei.v1.Embed/EmbedSparseStream``."""
-        return await self._embed_sparse(request, unary=False)
-
-    async def _embed_all(
+    async def embed_all(
         self, request: tei_pb2.EmbedAllRequest, unary: bool
     ) -> tei_pb2.EmbedAllResponse:
-        started = time.perf_counter_ns()
-        self.metrics.inc("te_request_count", method="single")
-        self.metrics.inc("te_embed_count")
+        """``tei.v1.Embed/EmbedAll`` (and EmbedAllStream): every token's embedding."""
 
-        async def work() -> tei_pb2.EmbedAllResponse:
-            self._require(
-                self.engine.kind is ModelKind.EMBEDDING,
-                "Backend error: Model is not an embedding model",
-            )
-            self._require(
-                not self.engine.splade,
-                "Backend error: `embed_all` is not available for SPLADE models",
-            )
+        async def work(started: int) -> tei_pb2.EmbedAllResponse:
+            validation.check_embed_all(self.engine.kind, self.engine.splade)
             timing = _Timing()
             text = self._with_prompt(request.inputs, request)
             job = await self._compute(
@@ -588,17 +383,8 @@ class TeiServices:
             metadata = self._finish("embed", started, timing, unary)
             return tei_pb2.EmbedAllResponse(token_embeddings=tokens, metadata=metadata)
 
-        response: tei_pb2.EmbedAllResponse = await self._permitted(unary, work)
-        self.metrics.inc("te_request_success", method="single")
+        response: tei_pb2.EmbedAllResponse = await self._single("te_embed_count", unary, work)
         return response
-
-    async def embed_all(self, request: tei_pb2.EmbedAllRequest) -> Any:
-        """``tei.v1.Embed/EmbedAll``: every token's embedding."""
-        return await self._embed_all(request, unary=True)
-
-    async def embed_all_one(self, request: tei_pb2.EmbedAllRequest) -> Any:
-        """One message of ``tei.v1.Embed/EmbedAllStream``."""
-        return await self._embed_all(request, unary=False)
 
     # -- Predict -------------------------------------------------------------------
 
@@ -614,15 +400,9 @@ class TeiServices:
     async def _predict(
         self, text: str, pair: str | None, request: Any, unary: bool
     ) -> tei_pb2.PredictResponse:
-        started = time.perf_counter_ns()
-        self.metrics.inc("te_request_count", method="single")
-        self.metrics.inc("te_predict_count")
 
-        async def work() -> tei_pb2.PredictResponse:
-            self._require(
-                self.engine.kind is not ModelKind.EMBEDDING,
-                "Backend error: Model is not a classifier model",
-            )
+        async def work(started: int) -> tei_pb2.PredictResponse:
+            validation.check_classifier(self.engine.kind)
             timing = _Timing()
             job = await self._compute(
                 text, pair, request.truncate, request.truncation_direction, timing
@@ -642,41 +422,23 @@ class TeiServices:
             metadata = self._finish("predict", started, timing, unary)
             return tei_pb2.PredictResponse(predictions=predictions, metadata=metadata)
 
-        response: tei_pb2.PredictResponse = await self._permitted(unary, work)
-        self.metrics.inc("te_request_success", method="single")
+        response: tei_pb2.PredictResponse = await self._single("te_predict_count", unary, work)
         return response
 
-    async def predict(self, request: tei_pb2.PredictRequest) -> tei_pb2.PredictResponse:
-        """``tei.v1.Predict/Predict``: scores for every label, best first."""
-        return await self._predict(request.inputs, None, request, unary=True)
+    async def predict(
+        self, request: tei_pb2.PredictRequest, unary: bool
+    ) -> tei_pb2.PredictResponse:
+        """``tei.v1.Predict/Predict`` (and PredictStream): scores for every label, best first."""
+        return await self._predict(request.inputs, None, request, unary)
 
-    async def predict_one(self, request: tei_pb2.PredictRequest) -> tei_pb2.PredictResponse:
-        """One message of ``tei.v1.Predict/PredictStream``."""
-        return await self._predict(request.inputs, None, request, unary=False)
-
-    def _pair(self, request: tei_pb2.PredictPairRequest) -> tuple[str, str | None]:
-        inputs = list(request.inputs)
-        if len(inputs) not in (1, 2):
-            self.metrics.inc("te_request_failure", err="validation")
-            raise _validation(f"`inputs` must have a single or two elements. Given: {len(inputs)}")
-        return inputs[0], inputs[1] if len(inputs) == 2 else None
-
-    async def predict_pair(self, request: tei_pb2.PredictPairRequest) -> Any:
-        """``tei.v1.Predict/PredictPair``: one text or one pair."""
-        text, pair = self._pair(request)
-        return await self._predict(text, pair, request, unary=True)
-
-    async def predict_pair_one(self, request: tei_pb2.PredictPairRequest) -> Any:
-        """One message of ``tei.v1.Predict/PredictPairStream``."""
-        text, pair = self._pair(request)
-        return await self._predict(text, pair, request, unary=False)
+    async def predict_pair(
+        self, request: tei_pb2.PredictPairRequest, unary: bool
+    ) -> tei_pb2.PredictResponse:
+        """``tei.v1.Predict/PredictPair`` (and PredictPairStream): one text or one pair."""
+        text, pair = validation.check_pair(list(request.inputs))
+        return await self._predict(text, pair, request, unary)
 
     # -- Rerank --------------------------------------------------------------------
-
-    def _require_reranker(self) -> None:
-        kind = self.engine.kind
-        self._require(kind is not ModelKind.EMBEDDING, "model is not a classifier model")
-        self._require(kind is ModelKind.RERANKER, "model is not a re-ranker model")
 
     async def _rerank(
         self,
@@ -686,7 +448,6 @@ class TeiServices:
         direction: int,
         raw_scores: bool,
         return_text: bool,
-        unary: bool,
     ) -> tei_pb2.RerankResponse:
         started = time.perf_counter_ns()
         self.metrics.inc("te_request_count", method="batch")
@@ -705,11 +466,11 @@ class TeiServices:
             # Each pair waits for its permit, as TEI's rerank does.
             try:
                 await self._permitted(False, work)
-            except purerpc.RpcFailedError as exc:
+            except TeiError as exc:
                 failures.append(exc)
                 nursery.cancel_scope.cancel()  # one bad pair fails the call
 
-        failures: list[purerpc.RpcFailedError] = []
+        failures: list[TeiError] = []
         async with trio.open_nursery() as nursery:
             for index, (query, text) in enumerate(pairs):
                 nursery.start_soon(one, index, query, text)
@@ -723,60 +484,47 @@ class TeiServices:
             key=lambda r: r.score,
             reverse=True,
         )
-        metadata = self._finish("predict", started, timing, unary, pairs=len(pairs))
+        metadata = self._finish("predict", started, timing, True, pairs=len(pairs))
         self.metrics.inc("te_request_success", method="batch")
         return tei_pb2.RerankResponse(ranks=ranks, metadata=metadata)
 
-    async def rerank(self, request: tei_pb2.RerankRequest) -> tei_pb2.RerankResponse:
+    async def rerank(self, request: tei_pb2.RerankRequest, unary: bool) -> tei_pb2.RerankResponse:
         """``tei.v1.Rerank/Rerank``: the texts ranked against the query, best first."""
-        self._require_reranker()
+        validation.check_reranker(self.engine.kind)
         texts = list(request.texts)
-        if not texts:
-            self.metrics.inc("te_request_failure", err="validation")
-            raise _empty("`texts` cannot be empty")
-        if len(texts) > self.settings.max_client_batch_size:
-            self.metrics.inc("te_request_failure", err="batch_size")
-            raise _validation(
-                f"batch size {len(texts)} > maximum allowed batch size "
-                f"{self.settings.max_client_batch_size}"
-            )
+        validation.check_rerank_texts(texts, self.settings.max_client_batch_size)
         return await self._rerank(
             [(request.query, t) for t in texts],
             truncate=request.truncate,
             direction=request.truncation_direction,
             raw_scores=request.raw_scores,
             return_text=request.return_text,
-            unary=True,
         )
 
-    async def rerank_stream(self, requests: AsyncIterator[tei_pb2.RerankStreamRequest]) -> None:
+    async def rerank_stream(
+        self, requests: list[tei_pb2.RerankStreamRequest]
+    ) -> tei_pb2.RerankResponse:
         """``tei.v1.Rerank/RerankStream``: many pairs in, one ranking out.
 
         ``raw_scores`` and ``return_text`` come from the first message; there is
         no batch-size limit (as in TEI).
         """
-        self._require_reranker()
-        pairs: list[tuple[str, str]] = []
-        first: tei_pb2.RerankStreamRequest | None = None
-        async for request in requests:
-            first = first or request
-            pairs.append((request.query, request.text))
-        if first is None:
-            raise _empty("`texts` cannot be empty")
-        response = await self._rerank(
-            pairs,
+        validation.check_reranker(self.engine.kind)
+        if not requests:
+            raise TeiError(ErrorKind.EMPTY, "`texts` cannot be empty", counted=False)
+        first = requests[0]
+        return await self._rerank(
+            [(request.query, request.text) for request in requests],
             truncate=first.truncate,
             direction=first.truncation_direction,
             raw_scores=first.raw_scores,
             return_text=first.return_text,
-            unary=True,
         )
-        await current_call().send(response)
 
     # -- Tokenize ------------------------------------------------------------------
 
-    async def tokenize(self, request: tei_pb2.EncodeRequest) -> tei_pb2.EncodeResponse:
-        """``tei.v1.Tokenize/Tokenize``: tokens with byte offsets into the input."""
+    async def tokenize(self, request: tei_pb2.EncodeRequest, unary: bool) -> tei_pb2.EncodeResponse:
+        """``tei.v1.Tokenize/Tokenize`` (and TokenizeStream): tokens with byte offsets."""
         text = self._with_prompt(request.inputs, request)
         encoding = self.engine.tokenize(text, add_special_tokens=request.add_special_tokens)
         # tokenizers reports character offsets; TEI reports byte offsets.
@@ -807,20 +555,11 @@ class TeiServices:
                 )
         return tei_pb2.EncodeResponse(tokens=tokens)
 
-    async def tokenize_one(self, request: tei_pb2.EncodeRequest) -> tei_pb2.EncodeResponse:
-        """One message of ``tei.v1.Tokenize/TokenizeStream``."""
-        return await self.tokenize(request)
-
-    async def decode(self, request: tei_pb2.DecodeRequest) -> tei_pb2.DecodeResponse:
-        """``tei.v1.Tokenize/Decode``: token ids back to text."""
-        if not request.ids:
-            raise _empty("`ids` cannot be empty")
+    async def decode(self, request: tei_pb2.DecodeRequest, unary: bool) -> tei_pb2.DecodeResponse:
+        """``tei.v1.Tokenize/Decode`` (and DecodeStream): token ids back to text."""
+        validation.check_ids(request.ids)
         try:
             text = self.engine.decode(request.ids, skip_special_tokens=request.skip_special_tokens)
         except Exception as exc:
-            raise FailedPreconditionError(f"Tokenizer error: {exc}") from exc
+            raise TeiError(ErrorKind.TOKENIZER, f"Tokenizer error: {exc}", counted=False) from exc
         return tei_pb2.DecodeResponse(text=text)
-
-    async def decode_one(self, request: tei_pb2.DecodeRequest) -> tei_pb2.DecodeResponse:
-        """One message of ``tei.v1.Tokenize/DecodeStream``."""
-        return await self.decode(request)

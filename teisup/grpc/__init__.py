@@ -7,13 +7,16 @@
 * `pool`: one long-lived connection per instance, bounded in-flight calls,
   deadlines, UNAVAILABLE instead of hangs;
 * `arrow` (pure): EmbedArrow / EmbedSparseArrow input and output;
-* `service`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer``.
+* `service`: `MultiplexerService`, the data plane the gRPC and HTTP front
+  ends share (routing, pool, deadlines, failover, observation);
+* `handlers`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer`` over it.
 """
 
+from .handlers import SERVICE_NAME
 from .pool import BackendPool
 from .routing import Replica, RoutingError, resolve
-from .server import DEFAULT_PORT, Multiplexer, MultiplexerServer, serve_multiplexer
-from .service import SERVICE_NAME, InstanceRecord, InstanceSource, MultiplexerService
+from .server import DEFAULT_PORT, Multiplexer, serve_multiplexer
+from .service import InstanceRecord, InstanceSource, MultiplexerService
 
 __all__ = [
     "DEFAULT_PORT",
@@ -22,7 +25,6 @@ __all__ = [
     "InstanceRecord",
     "InstanceSource",
     "Multiplexer",
-    "MultiplexerServer",
     "MultiplexerService",
     "Replica",
     "RoutingError",

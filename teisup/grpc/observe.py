@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import trio
-from purerpc import RpcFailedError
+
+from teisup.rpc import first_status
 
 __all__ = [
     "RequestObserver",
     "RequestRecord",
     "current_request",
-    "first_status",
     "observed",
-    "status_name",
 ]
 
 
@@ -64,20 +63,16 @@ def current_request() -> RequestRecord | None:
     return _current.get()
 
 
-def status_name(code: object) -> str:
-    """``StatusCode.NOT_FOUND`` -> ``"NOT_FOUND"`` (purerpc's codes are an IntEnum)."""
-    return getattr(code, "name", str(code))
-
-
 @contextlib.contextmanager
 def observed(
     observer: RequestObserver | None, transport: str, method: str
 ) -> Iterator[RequestRecord]:
     """Time the block as one request and report it to ``observer`` when it ends.
 
-    The code is the status an `RpcFailedError` carries, ``DEADLINE_EXCEEDED``
-    when the block is cancelled at its deadline, ``CANCELLED`` when cancelled
-    otherwise (the client went away), and ``UNKNOWN`` for any other error. A
+    The code is the status a `teisup.rpc.RpcStatusError` carries (in a group
+    too), ``DEADLINE_EXCEEDED`` when the block is cancelled at its deadline,
+    ``CANCELLED`` when cancelled otherwise (the client went away), and
+    ``UNKNOWN`` for any other error. A
     caller that knows better (the HTTP layer mapping an error) may set
     ``record.code`` itself before leaving the block.
     """
@@ -93,38 +88,19 @@ def observed(
 
     try:
         yield record
-    except RpcFailedError as exc:
-        record.code = status_name(exc.status.status_code)
-        raise
-    except BaseExceptionGroup as group:
-        first = first_status(group)
-        if first is not None:
-            record.code = status_name(first.status.status_code)
-        elif group.split(trio.Cancelled)[1] is None:
-            record.code = cancelled()  # a handler's nursery, cancelled
+    except BaseException as exc:
+        failed = first_status(exc)
+        if failed is not None:
+            record.code = failed.code_name
+        elif isinstance(exc, trio.Cancelled) or (
+            isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+        ):
+            record.code = cancelled()  # also a handler's nursery, cancelled
         else:
             record.code = "UNKNOWN"
-        raise
-    except trio.Cancelled:
-        record.code = cancelled()
-        raise
-    except BaseException:
-        record.code = "UNKNOWN"
         raise
     finally:
         _current.reset(token)
         record.seconds = time.perf_counter() - began
         if observer is not None:
             observer.request_done(record)
-
-
-def first_status(group: BaseExceptionGroup[BaseException]) -> RpcFailedError | None:
-    """The first error status in ``group`` (depth first), if any: the call's answer."""
-    for exc in group.exceptions:
-        if isinstance(exc, RpcFailedError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = first_status(exc)
-            if found is not None:
-                return found
-    return None

@@ -1,4 +1,4 @@
-"""The backend pool: one long-lived purerpc connection per instance, and calls that cannot hang.
+"""The backend pool: one long-lived gRPC connection per instance, and calls that cannot hang.
 
 `BackendPool.call` runs one backend call for one instance:
 
@@ -16,12 +16,12 @@
    on a connection whose server died waits forever.
 3. **Deadline.** The call runs under ``timeout`` seconds when given
    (DEADLINE_EXCEEDED ``Request timeout`` past it, tei-manager's words), and
-   the backend is told its own deadline through ``grpc-timeout`` by the
-   helpers in this module (`unary`, `open_stream`).
+   the backend is told its own deadline through ``grpc-timeout`` (the
+   `teisup.rpc.Channel` calls send what is left of the caller's deadline).
 4. **Errors.** A backend's error status passes through unchanged (a
-   `purerpc.RpcFailedError` with its code and message); transport failures
-   become UNAVAILABLE naming the instance and address; a message over
-   purerpc's size limit becomes RESOURCE_EXHAUSTED.
+   `teisup.rpc.RpcStatusError` with its code and message, RESOURCE_EXHAUSTED
+   for a message over the size limit); transport failures become UNAVAILABLE
+   naming the instance and address.
 
 Cancellation (the client went away, the server stops) passes through: the
 backend stream is reset (RST_STREAM CANCEL) so the connection keeps no state
@@ -30,46 +30,30 @@ for it.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-import anyio
-import h2.errors
-import h2.exceptions
 import trio
-from purerpc import RpcFailedError, Status, StatusCode
-from purerpc.grpclib.events import ResponseEnded
-from purerpc.grpclib.exceptions import GRPCError, MessageTooLargeError, raise_status
 
-from teisup.rpc import DEFAULT_MAX_MESSAGE_LENGTH, Channel, RpcUnavailable, open_channel
+from teisup.rpc import (
+    DEFAULT_MAX_MESSAGE_LENGTH,
+    Channel,
+    RpcStatusError,
+    RpcUnavailable,
+    StatusCode,
+    open_channel,
+    rpc_failure,
+    status_error,
+)
 
-__all__ = [
-    "BackendPool",
-    "BackendStream",
-    "InstanceView",
-    "open_stream",
-    "status_error",
-    "unary",
-]
+__all__ = ["BackendPool", "InstanceView"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Failures of the transport, as opposed to an answer from the backend.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-    h2.exceptions.H2Error,
-    GRPCError,
-)
 
 
 class InstanceView(Protocol):
@@ -81,11 +65,6 @@ class InstanceView(Protocol):
     def port(self) -> int: ...
     @property
     def pid(self) -> int | None: ...
-
-
-def status_error(code: StatusCode, message: str) -> RpcFailedError:
-    """An exception that ends a purerpc call with ``code`` and ``message``."""
-    return RpcFailedError(Status(code, message))
 
 
 @dataclass(eq=False)
@@ -323,161 +302,26 @@ class BackendPool:
                 if connection.died.is_set():
                     scope.cancel()
                 return await fn(connection.channel)
-            except RpcFailedError:
-                raise
             except BaseException as exc:
-                failure = _transport_failure(exc)
+                failure = rpc_failure(exc, connection.channel.target)
                 if failure is None:
                     raise
-                if isinstance(failure, MessageTooLargeError):
-                    raise status_error(StatusCode.RESOURCE_EXHAUSTED, str(failure)) from None
-                if isinstance(failure, RpcFailedError):
+                if isinstance(failure, RpcStatusError):
+                    if failure is exc:
+                        raise
                     raise failure from None
                 # A broken transport: drop the connection so the next call reconnects.
                 connection.close_requested.set()
-                raise self._unavailable(
-                    instance, f"connection failed: {_describe(failure)}"
-                ) from None
+                reason = str(failure).removeprefix(f"{connection.channel.target}: ")
+                raise self._unavailable(instance, reason) from None
             finally:
                 connection.calls.discard(scope)
                 self._changed()
         # Only reached when the connection's task cancelled us: it died mid-call.
         raise self._unavailable(instance, f"connection lost: {connection.reason or 'closed'}")
 
-    def _unavailable(self, instance: InstanceView, reason: str) -> RpcFailedError:
+    def _unavailable(self, instance: InstanceView, reason: str) -> RpcStatusError:
         return status_error(
             StatusCode.UNAVAILABLE,
             f"Instance '{instance.name}' ({self.host}:{instance.port}) is unavailable: {reason}",
         )
-
-
-def _transport_failure(exc: BaseException) -> BaseException | None:
-    """The leaf of ``exc`` to report if it is a backend or transport failure, else None.
-
-    A group (a nursery inside ``fn``) counts when all its leaves do; an error
-    status among them wins, since it is the backend's own answer.
-    """
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_transport_failure(e) for e in exc.exceptions]
-        if not leaves or any(leaf is None for leaf in leaves):
-            return None
-        statuses = [leaf for leaf in leaves if isinstance(leaf, RpcFailedError)]
-        return statuses[0] if statuses else leaves[0]
-    if isinstance(exc, (RpcFailedError, *_TRANSPORT_ERRORS)):
-        return exc
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-# --------------------------------------------------------------------------- calls
-
-
-def _timeout_header() -> datetime.timedelta | None:
-    # The caller's deadline (a client's grpc-timeout, or the pool's default)
-    # is the current effective deadline; the backend gets what is left of it.
-    remaining = trio.current_effective_deadline() - trio.current_time()
-    if math.isinf(remaining):
-        return None
-    return datetime.timedelta(seconds=max(remaining, 0.001))
-
-
-async def _start(
-    channel: Channel, service: str, method: str, request_type: Any, response_type: Any
-) -> Any:
-    grpc_socket: Any = channel._grpc_socket
-    stream = await grpc_socket.start_request(
-        "http",
-        service,
-        method,
-        request_type.DESCRIPTOR.full_name,
-        channel.target,
-        timeout=_timeout_header(),
-    )
-    stream.expect_message_type(response_type)
-    return stream
-
-
-async def _abandon(channel: Channel, stream: Any) -> None:
-    """Reset a backend stream we stop caring about, so neither side keeps it."""
-    with contextlib.suppress(Exception):
-        stream.abandon()
-        # Shielded and brief: we may be here because of a cancellation, and
-        # a dead socket must not hold us.
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            await stream._socket.flush()
-
-
-async def unary(
-    channel: Channel, service: str, method: str, request: Any, response_type: Any
-) -> Any:
-    """One unary call ``service/method`` on ``channel``; the backend's deadline is ours.
-
-    Returns the response; raises `purerpc.RpcFailedError` for an error status.
-    """
-    stream = await _start(channel, service, method, type(request), response_type)
-    try:
-        await stream.send_message(request)
-        await stream.close()
-        message = await stream.receive_message()
-        if message is None:
-            _raise_end(stream)
-        # Drain to the trailers: a call is only OK once the status says so.
-        if await stream.receive_message() is not None:
-            raise status_error(StatusCode.INTERNAL, f"{service}/{method} answered twice")
-        _raise_end(stream, ok_returns=True)
-        return message
-    finally:
-        if stream.end_stream_event is None:
-            await _abandon(channel, stream)
-
-
-def _raise_end(stream: Any, *, ok_returns: bool = False) -> None:
-    event = stream.end_stream_event
-    if isinstance(event, ResponseEnded):
-        if event.status.status_code != StatusCode.OK:
-            raise_status(event.status)
-        if ok_returns:
-            return
-        raise status_error(StatusCode.INTERNAL, "the backend answered OK without a message")
-    raise status_error(StatusCode.UNAVAILABLE, "the backend ended the call without a status")
-
-
-class BackendStream:
-    """A streaming call to a backend: `send`, `done_sending`, `receive`."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._sending = True
-
-    async def send(self, message: Any) -> None:
-        """Send one request message."""
-        await self._stream.send_message(message)
-
-    async def done_sending(self) -> None:
-        """Half-close: no more requests."""
-        if self._sending:
-            self._sending = False
-            await self._stream.close()
-
-    async def receive(self) -> Any | None:
-        """The next response, or None at a successful end; an error status raises."""
-        message = await self._stream.receive_message()
-        if message is None:
-            _raise_end(self._stream, ok_returns=True)
-        return message
-
-
-@contextlib.asynccontextmanager
-async def open_stream(
-    channel: Channel, service: str, method: str, request_type: Any, response_type: Any
-) -> AsyncIterator[BackendStream]:
-    """A streaming call ``service/method`` on ``channel``, reset if left unfinished."""
-    stream = await _start(channel, service, method, request_type, response_type)
-    try:
-        yield BackendStream(stream)
-    finally:
-        if stream.end_stream_event is None:
-            await _abandon(channel, stream)

@@ -33,9 +33,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from purerpc import StatusCode
-
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2
+from teisup.rpc import StatusCode
 
 from ..supervision import ChildState
 

@@ -21,11 +21,9 @@ import functools
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from purerpc import Status, StatusCode
 
 from teisup.rpc import (
     DEFAULT_HOST,
@@ -39,12 +37,12 @@ from teisup.rpc import (
 )
 from teisup.supervision import ChildContext
 
-from .observe import first_status
+from .handlers import SERVICE_NAME
 from .pool import BackendPool
 from .routing import READY_STATUS
-from .service import SERVICE_NAME, InstanceSource, MultiplexerService, RawHandler
+from .service import InstanceSource, MultiplexerService
 
-__all__ = ["DEFAULT_PORT", "Multiplexer", "MultiplexerServer", "serve_multiplexer"]
+__all__ = ["DEFAULT_PORT", "Multiplexer", "serve_multiplexer"]
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +60,6 @@ REFLECTED_SERVICES = (
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
 )
-
-
-class MultiplexerServer(Server):
-    """`teisup.rpc.Server` that also dispatches `RawHandler` stream handlers."""
-
-    @staticmethod
-    async def _run_handler(
-        caller: Callable[[Any, Any], Awaitable[None]],
-        handler: Any,
-        stream: Any,
-        deadline: float | None,
-    ) -> None:
-        if isinstance(handler, functools.partial) and isinstance(handler.func, RawHandler):
-            caller = _call_raw
-        await Server._run_handler(caller, handler, stream, deadline)
-
-
-async def _call_raw(handler: Any, stream: Any) -> None:
-    raw: RawHandler = handler.func
-    try:
-        await raw.raw(stream, handler.keywords["request"])
-    except BaseExceptionGroup as group:
-        # A status raised inside a handler's nursery arrives grouped; the
-        # server answers with the first one (anything else stays an error).
-        status = first_status(group)
-        if status is None:
-            raise
-        raise status from None
-    await stream.close(Status(StatusCode.OK))
 
 
 class Multiplexer:
@@ -156,7 +125,7 @@ class Multiplexer:
             {"": ServingStatus.SERVING, SERVICE_NAME: ServingStatus.SERVING}
         )
         self.health_interval = health_interval
-        self.server = MultiplexerServer(
+        self.server = Server(
             port,
             host=host,
             ssl_context=ssl_context,
@@ -230,7 +199,7 @@ class Multiplexer:
     async def run(self, ctx: ChildContext) -> None:
         """Run as a supervised child: ready once bound, return when asked to stop.
 
-        Stopping cancels the server (purerpc has no graceful drain): calls in
+        Stopping cancels the server (no drain: clients retry elsewhere): calls in
         flight end, listener and connections are closed.
         """
         with ctx.bus.subscribe() as changes:

@@ -28,7 +28,6 @@ import trio
 from h2.connection import H2Connection
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import WindowUpdateFrame  # type: ignore[import-untyped]
-from purerpc import RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
 from purerpc.grpclib.buffers import MessageWriteBuffer
@@ -36,6 +35,9 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, ResponseEnded
 from purerpc.grpclib.exceptions import MessageTooLargeError
+
+from .errors import RpcStatusError
+from .status import StatusCode
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_LENGTH",
@@ -186,6 +188,9 @@ class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
             return [MessageTooLarge(event.stream_id, str(exc))]
 
 
+_CLOSED_LOCALLY = (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
+
+
 class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
     """A purerpc stream whose event queue leaves nothing to close."""
 
@@ -284,21 +289,24 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
             await self._socket.flush()
 
     async def close(self, *args: Any, **kwargs: Any) -> None:
-        if self.reset is not None or self._state == GRPCStreamState.CLOSED:
-            return  # nothing left to close: the peer did
+        if self.reset is not None or self._state in _CLOSED_LOCALLY:
+            return  # nothing left to close: the peer did, or we did
         await super().close(*args, **kwargs)
+
+    @property
+    def closed_locally(self) -> bool:
+        """This side has ended its half of the call (or the peer reset it)."""
+        return self.reset is not None or self._state in _CLOSED_LOCALLY
 
     def _raise_if_reset(self) -> None:
         if self.reset is None:
             return
         if self.client_side:
-            raise RpcFailedError(
-                Status(
-                    StatusCode.UNAVAILABLE,
-                    f"the server reset the stream (HTTP/2 error {self.reset.error_code})",
-                )
+            raise RpcStatusError(
+                StatusCode.UNAVAILABLE,
+                f"the server reset the stream (HTTP/2 error {self.reset.error_code})",
             )
-        raise RpcFailedError(Status(StatusCode.CANCELLED, "the client cancelled the call"))
+        raise RpcStatusError(StatusCode.CANCELLED, "the client cancelled the call")
 
     async def receive_event(self) -> Any:
         # purerpc's GRPCProtoStream.receive_event, reading through our _receive
@@ -314,7 +322,7 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         # purerpc's own, plus the MessageTooLarge event.
         event = await self._incoming_events[1].receive()
         if isinstance(event, MessageTooLarge):
-            raise RpcFailedError(Status(StatusCode.RESOURCE_EXHAUSTED, event.message))
+            raise RpcStatusError(StatusCode.RESOURCE_EXHAUSTED, event.message)
         if isinstance(event, StreamReset):
             self._raise_if_reset()
         if isinstance(event, MessageReceived):

@@ -15,16 +15,15 @@ from collections.abc import AsyncIterator, Mapping
 from types import MappingProxyType
 
 import trio
-from purerpc import NotFoundError
 
 from teisup.proto.grpc.health.v1 import health_grpc, health_pb2
-from teisup.proto.tei.v1 import tei_grpc, tei_pb2
+from teisup.proto.tei.v1 import tei_pb2
 
-from .client import Channel, RpcStatusError, call_once
+from .client import Channel, call_once
+from .errors import RpcStatusError
+from .status import StatusCode
 
 __all__ = ["HealthServicer", "ServingStatus", "check_health", "fetch_info"]
-
-_NOT_FOUND = 5  # the gRPC status code, as numbered by the protocol
 
 
 class ServingStatus(enum.IntEnum):
@@ -84,7 +83,7 @@ class HealthServicer(health_grpc.HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         status = self._statuses.get(input_message.service)
         if status is None:
-            raise NotFoundError(f"unknown service {input_message.service!r}")
+            raise RpcStatusError(StatusCode.NOT_FOUND, f"unknown service {input_message.service!r}")
         return health_pb2.HealthCheckResponse(status=status.name)
 
     async def Watch(
@@ -118,8 +117,12 @@ async def check_health(
     """
 
     async def check(channel: Channel) -> ServingStatus:
-        stub = health_grpc.HealthStub(channel)
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        response = await channel.unary(
+            "grpc.health.v1.Health",
+            "Check",
+            health_pb2.HealthCheckRequest(service=service),
+            health_pb2.HealthCheckResponse,
+        )
         try:
             return ServingStatus(response.status)
         except ValueError:
@@ -128,7 +131,7 @@ async def check_health(
     try:
         return await call_once(host, port, check, timeout=timeout, ssl_context=ssl_context)
     except RpcStatusError as exc:
-        if exc.code == _NOT_FOUND:
+        if exc.code == StatusCode.NOT_FOUND:
             return ServingStatus.SERVICE_UNKNOWN
         raise
 
@@ -151,6 +154,9 @@ async def fetch_info(
     metadata = [("authorization", f"Bearer {api_key}")] if api_key is not None else None
 
     async def info(channel: Channel) -> tei_pb2.InfoResponse:
-        return await tei_grpc.InfoStub(channel).Info(tei_pb2.InfoRequest(), metadata=metadata)
+        response: tei_pb2.InfoResponse = await channel.unary(
+            "tei.v1.Info", "Info", tei_pb2.InfoRequest(), tei_pb2.InfoResponse, metadata=metadata
+        )
+        return response
 
     return await call_once(host, port, info, timeout=timeout, ssl_context=ssl_context)

@@ -1,40 +1,48 @@
-"""A purerpc gRPC server that binds one host, refuses a taken port and cleans up.
+"""A gRPC server that binds one host, refuses a taken port, cleans up, and hands each call over.
 
 purerpc's own `Server` binds every interface with SO_REUSEPORT (so a second
 server on a taken port starts silently and the kernel splits traffic between
 the two), never closes its listener or its connections, and swallows
 cancellation in a bare ``except:``. `Server` here keeps purerpc's wire code and
-its service/servicer objects and replaces the serving loop:
+replaces the serving loop:
 
 * it binds the given host only, without SO_REUSEPORT, so a taken port fails
   at start with ``OSError(EADDRINUSE)``;
 * cancelling `Server.serve_async` closes the listener and every connection
   before it returns; a peer that hangs up cancels its in-flight calls;
-* a handler that raises gives the caller UNKNOWN, a `purerpc.RpcFailedError`
-  gives its own status, and cancellation is never caught;
+* a handler gets a `ServerCall` (receive, send, request metadata, peer,
+  deadline, response headers); when it returns the call ends OK, an
+  `RpcStatusError` (also from inside a handler's nursery) ends it with that
+  status, any other exception with UNKNOWN; cancellation is never caught;
 * a client's ``grpc-timeout`` is enforced: the handler is cancelled and the
   call ends with DEADLINE_EXCEEDED; a client that cancels a call (RST_STREAM)
-  cancels its handler at once;
+  cancels its handler at once, and a call reset before it ran never runs;
 * a message over ``max_message_length`` (either way) ends that call with
-  RESOURCE_EXHAUSTED and leaves the connection and its other calls alone.
+  RESOURCE_EXHAUSTED and leaves the connection and its other calls alone;
+* ``authorize`` sees every call before its handler; `drain` refuses new calls
+  (UNAVAILABLE) and waits for the ones in flight.
 
-There is no graceful drain: stopping means cancelling, as with purerpc.
+Services are `Service` tables of `Method` handlers; a generated servicer (or
+a `purerpc.Service`) is adapted into one when it is added, once.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
+import math
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
+import purerpc
 import trio
 from anyio.streams.tls import TLSAttribute, TLSStream
-from purerpc import Cardinality, RpcFailedError, Status, StatusCode
+from purerpc import Cardinality
 from purerpc.grpclib.events import RequestReceived
 from purerpc.grpclib.exceptions import MessageTooLargeError
 from purerpc.wrappers import (
@@ -50,20 +58,25 @@ from ._purerpc import (
     TidySocket,
     server_config,
 )
+from .errors import RpcStatusError, first_status
+from .status import Status, StatusCode
 
-__all__ = ["DEFAULT_HOST", "Authorizer", "Peer", "Server"]
+__all__ = [
+    "DEFAULT_HOST",
+    "Authorizer",
+    "Handler",
+    "Method",
+    "Peer",
+    "Server",
+    "ServerCall",
+    "Service",
+    "current_call",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 """Loopback: TEI instances and teisup's own servers are reached locally by default."""
-
-_CALLERS: dict[Any, Callable[[Any, Any], Awaitable[None]]] = {
-    Cardinality.UNARY_UNARY: call_server_unary_unary,
-    Cardinality.UNARY_STREAM: call_server_unary_stream,
-    Cardinality.STREAM_UNARY: call_server_stream_unary,
-    Cardinality.STREAM_STREAM: call_server_stream_stream,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +92,151 @@ class Peer:
     certificate: dict[str, Any] | None = None
 
 
-Authorizer = Callable[[Peer, RequestReceived], "Status | None"]
-"""Decides one call before its handler runs: None lets it in, a status refuses it.
+class ServerCall:
+    """One call as its handler sees it: read requests, send responses.
 
-It gets the connection's `Peer` and the call's headers (``service_name``,
-``method_name``, ``custom_metadata``)."""
+    ``service`` and ``method`` name the call; `metadata` is the request's
+    custom metadata (names lower-cased, values as text); ``peer`` the client;
+    ``deadline`` the client's deadline in `trio.current_time` terms (None:
+    none; the server enforces it). ``headers`` are the response's initial
+    metadata: a handler may add to them until its first `send`, which carries
+    them. A call that ends before any message is a trailers-only response.
+    """
+
+    __slots__ = (
+        "_event",
+        "_metadata",
+        "_stream",
+        "deadline",
+        "headers",
+        "method",
+        "peer",
+        "service",
+    )
+
+    def __init__(self, stream: Any, event: RequestReceived, peer: Peer) -> None:
+        self._stream = stream
+        self._event = event
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self.service: str = event.service_name
+        self.method: str = event.method_name
+        self.peer = peer
+        self.deadline: float | None = (
+            trio.current_time() + event.timeout.total_seconds()
+            if event.timeout is not None
+            else None
+        )
+        self.headers: list[tuple[str, str]] = []
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The request's custom metadata: ``(name, value)`` pairs, names lower-case."""
+        if self._metadata is None:
+            self._metadata = tuple(
+                (str(k).lower(), v.decode() if isinstance(v, bytes) else str(v))
+                for k, v in self._event.custom_metadata
+            )
+        return self._metadata
+
+    async def receive(self) -> Any | None:
+        """The next request message, or None once the client has finished sending."""
+        return await self._stream.receive_message()
+
+    async def receive_one(self) -> Any:
+        """The one request message of a unary call; INVALID_ARGUMENT unless exactly one came."""
+        message = await self._stream.receive_message()
+        if message is None or await self._stream.receive_message() is not None:
+            raise RpcStatusError(
+                StatusCode.INVALID_ARGUMENT, f"{self.method} takes exactly one request message"
+            )
+        return message
+
+    async def send(self, message: Any) -> None:
+        """Send one response message; the first carries `headers`."""
+        stream = self._stream
+        if not stream._response_started and self.headers:
+            await stream.start_response(custom_metadata=tuple(self.headers))
+        await stream.send_message(message)
+
+    async def _close(self, status: Status) -> None:
+        await self._stream.close(
+            purerpc.Status(purerpc.StatusCode(int(status.code)), status.message)
+        )
+
+
+Handler = Callable[[ServerCall], Awaitable[None]]
+"""A method's implementation: it reads and sends through the `ServerCall`; returning ends
+the call OK."""
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC of a `Service`: its message types and its handler."""
+
+    request_type: Any
+    response_type: Any
+    handler: Handler
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A gRPC service: its full name (``package.Service``) and its methods by name."""
+
+    name: str
+    methods: Mapping[str, Method]
+
+
+Authorizer = Callable[[ServerCall], "Status | None"]
+"""Decides one call before its handler runs: None lets it in, a `Status` refuses it."""
+
+_CURRENT: contextvars.ContextVar[ServerCall] = contextvars.ContextVar("teisup_rpc_call")
+
+
+def current_call() -> ServerCall:
+    """The `ServerCall` the current task is handling (LookupError outside a handler)."""
+    return _CURRENT.get()
+
+
+_CALLERS: dict[Any, Callable[[Any, Any], Awaitable[None]]] = {
+    Cardinality.UNARY_UNARY: call_server_unary_unary,
+    Cardinality.UNARY_STREAM: call_server_unary_stream,
+    Cardinality.STREAM_UNARY: call_server_stream_unary,
+    Cardinality.STREAM_STREAM: call_server_stream_stream,
+}
+
+
+def adapt(service: Any) -> Service:
+    """``service`` as a `Service`: one already, or a generated servicer / `purerpc.Service`.
+
+    A generated method keeps its shape (``Method(message)`` or
+    ``Method(message, request)`` returning a response, or an async iterator
+    for a response stream); it is wrapped here, once.
+    """
+    if isinstance(service, Service):
+        return service
+    resolved = service.service if hasattr(service, "service") else service
+    methods = {}
+    for name, bound in resolved.methods.items():
+        signature = bound.signature
+        methods[name] = Method(
+            signature.request_type,
+            signature.response_type,
+            _generated(bound.method_fn, _CALLERS[signature.cardinality]),
+        )
+    return Service(resolved.name, methods)
+
+
+def _generated(method_fn: Any, caller: Callable[[Any, Any], Awaitable[None]]) -> Handler:
+    async def handler(call: ServerCall) -> None:
+        await caller(functools.partial(method_fn, request=call._event), call._stream)
+
+    return handler
 
 
 class Server:
-    """A gRPC server for purerpc services on one host and port.
+    """A gRPC server for `Service` tables (or generated servicers) on one host and port.
 
-    Add services (a generated ``...Servicer`` instance or a `purerpc.Service`)
-    with `add_service`, then run it in a nursery::
+    Add services with `add_service`, then run it in a nursery::
 
         server = Server(port=0)
         server.add_service(MyServicer())
@@ -126,8 +272,12 @@ class Server:
         self.max_message_length = max_message_length
         self._authorize = authorize
         self._handshake_timeout = handshake_timeout
-        self._services: dict[str, Any] = {}
+        self._services: dict[str, Service] = {}
         self._connections = 0
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._draining = False
 
     @property
     def port(self) -> int:
@@ -139,15 +289,35 @@ class Server:
         """How many client connections are being served right now."""
         return self._connections
 
+    @property
+    def in_flight(self) -> int:
+        """Calls being handled right now."""
+        return self._in_flight
+
+    @property
+    def service_names(self) -> list[str]:
+        """Every served service's full name, sorted."""
+        return sorted(self._services)
+
     def add_service(self, service: Any) -> None:
-        """Serve ``service``: a `purerpc.Servicer` (a generated one) or a `purerpc.Service`.
+        """Serve ``service``: a `Service`, a generated servicer or a `purerpc.Service`.
 
         Raises ValueError if a service of the same name was already added.
         """
-        resolved = service.service if hasattr(service, "service") else service
+        resolved = adapt(service)
         if resolved.name in self._services:
             raise ValueError(f"service {resolved.name!r} is already served")
         self._services[resolved.name] = resolved
+
+    def add_services(self, services: Iterable[Any]) -> None:
+        """`add_service` each of ``services``."""
+        for service in services:
+            self.add_service(service)
+
+    async def drain(self) -> None:
+        """Refuse new calls from now on (UNAVAILABLE) and wait until those in flight are done."""
+        self._draining = True
+        await self._idle.wait()
 
     async def serve_async(
         self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -204,61 +374,82 @@ class Server:
             await anyio.aclose_forcefully(stream)
 
     async def _dispatch(self, stream: Any, peer: Peer) -> None:
+        self._in_flight += 1
+        if self._in_flight == 1:
+            self._idle = trio.Event()
         try:
-            # Response headers wait for the first message (TidyStream), or the
-            # call ends trailers-only: one write per answer, not two.
-            event = await stream.receive_event()
-            if not isinstance(event, RequestReceived):
-                await stream.close(Status(StatusCode.INTERNAL, "expected request headers"))
-                return
-            service = self._services.get(event.service_name)
-            method = service.methods.get(event.method_name) if service is not None else None
-            if method is None:
-                await stream.close(
-                    Status(
-                        StatusCode.UNIMPLEMENTED,
-                        f"method {event.service_name}/{event.method_name} is not implemented",
-                    )
-                )
-                return
-            if self._authorize is not None:
-                refusal = self._authorize(peer, event)
-                if refusal is not None:
-                    await stream.close(refusal)
-                    return
-            stream.expect_message_type(method.signature.request_type)
-            handler = functools.partial(method.method_fn, request=event)
-            caller = _CALLERS[method.signature.cardinality]
-            deadline = event.timeout.total_seconds() if event.timeout is not None else None
             # A client that resets the stream (it cancelled the call) cancels
             # the handler, and whatever the handler was waiting for with it.
             with trio.CancelScope() as scope:
                 stream.on_reset = scope.cancel
-                if stream.reset is None:
-                    await self._run_handler(caller, handler, stream, deadline)
+                if stream.reset is None:  # not reset before this task ran
+                    await self._handle(stream, peer)
         except Exception as exc:
             log.debug("gRPC call ended abnormally: %r", exc)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
-    @staticmethod
-    async def _run_handler(
-        caller: Callable[[Any, Any], Awaitable[None]],
-        handler: Any,
-        stream: Any,
-        deadline: float | None,
-    ) -> None:
-        try:
-            with trio.move_on_after(deadline if deadline is not None else float("inf")) as scope:
-                await caller(handler, stream)
-            if scope.cancelled_caught:
-                await stream.close(Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
-        except RpcFailedError as error:
-            await stream.close(error.status)
-        except MessageTooLargeError as exc:
-            # An answer over the limit (a request over it is refused on arrival).
-            await stream.close(Status(StatusCode.RESOURCE_EXHAUSTED, str(exc)))
-        except Exception as exc:
-            log.exception("gRPC handler failed")
-            await stream.close(Status(StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"))
+    async def _handle(self, stream: Any, peer: Peer) -> None:
+        # Response headers wait for the first message (TidyStream), or the
+        # call ends trailers-only: one write per answer, not two.
+        event = await stream.receive_event()
+        if not isinstance(event, RequestReceived):
+            await stream.close(
+                purerpc.Status(purerpc.StatusCode.INTERNAL, "expected request headers")
+            )
+            return
+        call = ServerCall(stream, event, peer)
+        if self._draining:
+            await call._close(Status(StatusCode.UNAVAILABLE, "server is shutting down"))
+            return
+        service = self._services.get(call.service)
+        method = service.methods.get(call.method) if service is not None else None
+        if method is None:
+            await call._close(
+                Status(
+                    StatusCode.UNIMPLEMENTED,
+                    f"method {call.service}/{call.method} is not implemented",
+                )
+            )
+            return
+        if self._authorize is not None:
+            refusal = self._authorize(call)
+            if refusal is not None:
+                await call._close(refusal)
+                return
+        stream.expect_message_type(method.request_type)
+        _CURRENT.set(call)  # this task's context only: each call runs in its own task
+        await _run(method.handler, call)
+
+
+async def _run(handler: Handler, call: ServerCall) -> None:
+    """Run ``handler`` under the client's deadline; end the call with the status it earned."""
+    stream = call._stream
+    try:
+        deadline = call.deadline if call.deadline is not None else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            await handler(call)
+        if scope.cancelled_caught:
+            status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        else:
+            status = Status(StatusCode.OK)
+    except MessageTooLargeError as exc:
+        # An answer over the limit (a request over it is refused on arrival).
+        status = Status(StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except BaseException as exc:
+        # A status, also one raised inside a handler's nursery (grouped).
+        failed = first_status(exc)
+        if failed is not None:
+            await stream.close(failed.status)
+            return
+        if not isinstance(exc, Exception):
+            raise  # cancellation (the connection is going) and the like
+        log.exception("gRPC handler %s/%s failed", call.service, call.method)
+        status = Status(StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+    if not stream.closed_locally:
+        await call._close(status)
 
 
 def _address(stream: anyio.abc.AnyByteStream) -> str:

@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from purerpc import Status, StatusCode
-
 from ..grpc import SERVICE_NAME, MultiplexerService
 from ..instances import GpuInfo, InstanceInfo, InstanceManager
 from ..instances.runner import Probe
-from ..rpc import Peer
+from ..rpc import ServerCall, Status, StatusCode
 from ..security import AllowList, TlsReloader, bearer_matches
 from ..supervision import Supervisor
 from .config import ManagerConfig
@@ -117,14 +115,14 @@ class GrpcGate:
         # Without TLS there is no verified certificate to check.
         self._allow_list = allow_list if tls else None
 
-    def __call__(self, peer: Peer, event: Any) -> Status | None:
+    def __call__(self, call: ServerCall) -> Status | None:
         """None to let the call in, else the status refusing it."""
         allow_list = self._allow_list
-        refusal = allow_list.refusal(peer.certificate) if allow_list is not None else None
+        refusal = allow_list.refusal(call.peer.certificate) if allow_list is not None else None
         if refusal is not None:
             return Status(StatusCode.PERMISSION_DENIED, refusal)
-        if self._api_token is not None and event.service_name == SERVICE_NAME:
-            metadata = {str(k).lower(): v for k, v in event.custom_metadata}
+        if self._api_token is not None and call.service == SERVICE_NAME:
+            metadata = dict(call.metadata)
             if not bearer_matches(metadata.get("authorization"), self._api_token):
                 return Status(StatusCode.UNAUTHENTICATED, "missing or wrong API token")
         return None

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from purerpc import StatusCode
 
 from teisup.grpc.observe import RequestRecord, current_request, observed
-from teisup.grpc.pool import status_error
+from teisup.rpc import StatusCode, status_error
 
 
 class Records:

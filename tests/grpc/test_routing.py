@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from purerpc import StatusCode
 
 from teisup.grpc.routing import Replica, RoutingError, resolve, validate_target
 from teisup.proto.tei_multiplexer.v1.multiplexer_pb2 import Target
+from teisup.rpc import StatusCode
 from teisup.supervision import ChildState
 
 FLEET = [

@@ -26,7 +26,7 @@ import trio
 from hyperframe.frame import WindowUpdateFrame
 from purerpc import Cardinality, RPCSignature
 
-from teisup.grpc.pool import BackendPool, unary
+from teisup.grpc.pool import BackendPool
 from teisup.grpc.service import MultiplexerService
 from teisup.proto.tei.v1 import tei_pb2
 from teisup.rpc import Server, open_channel
@@ -91,7 +91,7 @@ async def test_an_early_answer_ends_a_big_request_at_once(
         for size in (1 << 20, 1):  # the second call proves the connection survived
             request = tei_pb2.EmbedRequest(inputs="x" * size)
             with pytest.raises(purerpc.RpcFailedError) as caught, trio.fail_after(10):
-                await unary(channel, "tei.v1.Embed", "Embed", request, tei_pb2.EmbedResponse)
+                await channel.unary("tei.v1.Embed", "Embed", request, tei_pb2.EmbedResponse)
             assert caught.value.status.status_code.name == code, caught.value
 
 
@@ -159,7 +159,7 @@ async def test_a_window_update_on_an_ended_stream_leaves_the_connection_alone() 
         for _ in range(3):
             request = tei_pb2.EmbedRequest(inputs="x")
             with pytest.raises(purerpc.RpcFailedError) as caught, trio.fail_after(10):
-                await unary(channel, "tei.v1.Embed", "Embed", request, tei_pb2.EmbedResponse)
+                await channel.unary("tei.v1.Embed", "Embed", request, tei_pb2.EmbedResponse)
             assert caught.value.status.status_code.name == "NOT_FOUND"
 
 
