@@ -48,6 +48,7 @@ __all__ = [
     "descendants",
     "find_marked_processes",
     "kill_group",
+    "kill_tree",
     "proc_state",
     "reap_adopted_orphans",
     "set_child_subreaper",
@@ -249,6 +250,39 @@ def kill_group(pgid: int, sig: signal.Signals) -> bool:
     return True
 
 
+def kill_tree(leader: int) -> bool:
+    """SIGKILL the process group of ``leader`` and every descendant of it,
+    those that left the group (``setsid``, a double fork) included.
+
+    A SIGKILL of the group alone would take the instance's shim with it before
+    it could clean up, leaving such descendants to the manager. Each is held by
+    a pidfd, opened while its parent is still one of the tree's, so a pid that
+    exits and is reused in between is never signalled. False if nothing of the
+    group was left.
+    """
+    found = descendants(leader)
+    tree = {leader, *found}
+    held: list[int] = []
+    for pid in found:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            continue
+        if _parent_of(pid) in tree:
+            held.append(pidfd)
+        else:  # exited and its pid reused since the reading
+            os.close(pidfd)
+    alive = kill_group(leader, signal.SIGKILL)
+    for pidfd in held:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    return alive
+
+
 def proc_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` from ``/proc`` (``Z`` for a zombie), or
     None if there is no such process."""
@@ -395,8 +429,7 @@ def reap_adopted_orphans(owned: set[int]) -> list[int]:
 
     As a subreaper (or as PID 1 in a container) the manager inherits orphaned
     grandchildren; their zombies are reaped here. A live one carrying the
-    instance marker lost its shim (SIGKILLed with its group at the end of a
-    stop's grace) and gets SIGKILL, as its shim would have done. ``owned`` are
+    instance marker lost its shim (a fork that raced ``kill_tree``) and gets SIGKILL, as its shim would have done. ``owned`` are
     the pids of children whose owners wait for them themselves.
     """
     me = os.getpid()

@@ -50,7 +50,7 @@ from .identity import PortOwner, PortOwnerCheck, proc_port_owner
 from .launch import INSTANCE_HOST, build_argv, build_env
 from .logs import InstanceLog, LogLine, is_ready_line, pump
 from .ports import PortError, Ports
-from .process import ProcessSpawner, kill_group, wait_for_exit
+from .process import ProcessSpawner, kill_group, kill_tree, wait_for_exit
 from .spec import InstanceSpec
 
 __all__ = [
@@ -427,13 +427,13 @@ class InstanceRunner:
         return InstanceExit(ExitCause.STOPPED, f"killed after {self.spec.stop_grace_secs:g}s grace")
 
     async def _kill(self, process: subprocess.Popen[bytes], exited: trio.Event) -> None:
-        kill_group(process.pid, signal.SIGKILL)
+        kill_tree(process.pid)
         await exited.wait()
 
     async def _make_sure_it_is_gone(self, process: subprocess.Popen[bytes]) -> None:
         # returncode is set only once reaped, and watch_exit kills the group
         # before reaping; an unreaped leader still holds the group id.
         if process.returncode is None:
-            kill_group(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             with trio.move_on_after(10):
                 await wait_for_exit(process)

@@ -395,3 +395,26 @@ async def test_ready_logged_before_the_port_is_bound_still_ends_running(tmp_path
                 running = await wait_for(events, "bge-small", ChildState.RUNNING)
             assert running.old is ChildState.STARTING
             assert manager.get("bge-small").restarts == 0
+
+
+async def test_a_kill_after_the_grace_takes_grandchildren_that_left_the_group(
+    tmp_path: Path,
+) -> None:
+    # No orphan reaper runs here: the kill itself must reach the whole tree.
+    env = {"FAKE_TEI_IGNORE_SIGTERM": "1", "FAKE_TEI_DETACHED_GRANDCHILD": "1"}
+    with trio.fail_after(30):
+        async with running_manager(tmp_path, env=env) as manager:
+            with manager.supervisor.events.subscribe() as events:
+                await manager.create(spec(stop_grace_secs=0.5))
+                await wait_for(events, "bge-small", ChildState.RUNNING)
+            [detached] = [
+                int(m.group(1))
+                for line in manager.logs("bge-small")
+                if (m := re.fullmatch(r"detached grandchild (\d+)", line.message or ""))
+            ]
+            assert alive(detached)
+            info = await manager.stop("bge-small")
+            assert info.last_exit is not None
+            assert "killed after 0.5s grace" in info.last_exit.detail
+            await wait_gone(detached)
+            assert not alive(detached)
