@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import MODEL, free_port, sentences  # noqa: E402
 from teisup.bench import arrow_ipc  # noqa: E402
+from teisup.supervision import ChildState  # noqa: E402
 
 INSTANCE = "minilm"
 MUX = "/tei_multiplexer.v1.TeiMultiplexer"
@@ -78,7 +79,7 @@ class Record:
     model_id: str
     port: int
     pid: int
-    status: str = "running"
+    status: ChildState = ChildState.RUNNING
     spec: Any = field(default_factory=lambda: SimpleNamespace(max_concurrent_requests=512))
 
 
