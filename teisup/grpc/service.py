@@ -21,8 +21,8 @@ backend; without one, a unary, batch or Arrow call gets ``default_timeout``
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -102,11 +102,9 @@ class MultiplexerService:
         """``tei_multiplexer.v1.TeiMultiplexer`` with every RPC of the contract."""
         return multiplexer_service(self)
 
-    @contextmanager
-    def observe(self, transport: str, method: str) -> Iterator[RequestRecord]:
+    def observe(self, transport: str, method: str) -> AbstractContextManager[RequestRecord]:
         """Time the block as one request of ``transport`` and report it (see `observed`)."""
-        with observed(self.observer, transport, method) as record:
-            yield record
+        return observed(self.observer, transport, method)
 
     def route(
         self, target: mux_pb2.Target | None, *, exclude: frozenset[str] = frozenset()
