@@ -52,7 +52,7 @@ from .launch import INSTANCE_MARKER, MANAGER_MARKER
 from .logs import InstanceLog, LogLine
 from .ports import PortAllocator, PortError, Ports
 from .probe import served_model_id
-from .process import ProcessSpawner, reap_adopted_orphans, sweep_leftovers
+from .process import ProcessSpawner, sweep_leftovers
 from .runner import InstanceRunner, ModelCheck, Probe, ProbeListener, RunStatus
 from .spec import InstanceSpec, RestartPolicy
 
@@ -548,7 +548,7 @@ class InstanceManager:
         """
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
             async for _ in signals:
-                reap_adopted_orphans(self.owned_pids())
+                self.spawner.reap_adopted_orphans()
 
     # -- internals -------------------------------------------------------------
 

@@ -132,8 +132,19 @@ class ProcessSpawner:
         """Pids of spawned children not reaped yet: an orphan reaper must leave
         them to their owners, or it would steal their exit status."""
         with self._lock:
-            self._children = [p for p in self._children if p.returncode is None]
-            return {p.pid for p in self._children}
+            return self._owned()
+
+    def reap_adopted_orphans(self) -> list[int]:
+        """`reap_adopted_orphans` with this spawner's children left alone,
+        one being forked included: the scan and a spawn's fork-and-register
+        exclude each other, so a child just exec'd (carrying the instance
+        marker, not yet registered) is never taken for an orphan."""
+        with self._lock:
+            return reap_adopted_orphans(self._owned())
+
+    def _owned(self) -> set[int]:
+        self._children = [p for p in self._children if p.returncode is None]
+        return {p.pid for p in self._children}
 
     async def __aenter__(self) -> ProcessSpawner:
         self._thread = threading.Thread(target=self._serve, name="teisup-spawner", daemon=True)
@@ -156,22 +167,22 @@ class ProcessSpawner:
                     _check_executable(argv[0], request.env)
                     argv = shim_argv(parent, argv)
                     setup = _shim_setup
-                request.process = subprocess.Popen(
-                    argv,
-                    env=dict(request.env),
-                    cwd=request.cwd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    preexec_fn=functools.partial(setup, parent),
-                )
+                # Forked and registered under the lock: an orphan scan sees the
+                # child either not at all or as owned (see reap_adopted_orphans).
+                with self._lock:
+                    request.process = subprocess.Popen(
+                        argv,
+                        env=dict(request.env),
+                        cwd=request.cwd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,
+                        preexec_fn=functools.partial(setup, parent),
+                    )
+                    self._children.append(request.process)
             except BaseException as exc:  # reported to the caller, never lost here
                 request.error = exc
-            else:
-                # Registered before anyone is told, so no reaper can race us.
-                with self._lock:
-                    self._children.append(request.process)
             try:
                 request.token.run_sync_soon(request.done.set)
             except trio.RunFinishedError:
@@ -429,8 +440,11 @@ def reap_adopted_orphans(owned: set[int]) -> list[int]:
 
     As a subreaper (or as PID 1 in a container) the manager inherits orphaned
     grandchildren; their zombies are reaped here. A live one carrying the
-    instance marker lost its shim (a fork that raced ``kill_tree``) and gets SIGKILL, as its shim would have done. ``owned`` are
-    the pids of children whose owners wait for them themselves.
+    instance marker lost its shim (a fork that raced ``kill_tree``) and gets
+    SIGKILL, as its shim would have done. ``owned`` are the pids of children
+    whose owners wait for them themselves; a spawner's own children are best
+    left through `ProcessSpawner.reap_adopted_orphans`, which excludes a spawn
+    in progress too.
     """
     me = os.getpid()
     reaped = []

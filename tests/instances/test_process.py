@@ -248,3 +248,35 @@ async def test_what_a_killed_shim_leaves_comes_back_to_the_manager_and_is_killed
         for f in (proc.stdout, proc.stderr):
             assert f is not None
             f.close()
+
+
+async def test_a_child_being_spawned_is_never_taken_for_an_adopted_orphan() -> None:
+    # The orphan scan runs on SIGCHLD, any time: while it scans, a spawn may
+    # have exec'd a child (marker set, parent us) not yet registered as owned.
+    assert set_child_subreaper()
+    env = {"PATH": os.environ["PATH"], "TEISUP_INSTANCE": "x"}
+    stop = False
+
+    def scan() -> None:
+        while not stop:
+            spawner.reap_adopted_orphans()
+
+    async with ProcessSpawner() as spawner:
+        children: list[subprocess.Popen[bytes]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, scan)
+            try:
+                for _ in range(40):
+                    children.append(await spawner.spawn(["sleep", "1000"], env=env))
+            finally:
+                stop = True
+        try:
+            killed = [p.pid for p in children if proc_state(p.pid) in (None, "Z")]
+            assert killed == []
+        finally:
+            for p in children:
+                kill_group(p.pid, signal.SIGKILL)
+                await wait_for_exit(p)
+                for f in (p.stdout, p.stderr):
+                    assert f is not None
+                    f.close()
