@@ -275,9 +275,9 @@ class Server:
         self._services: dict[str, Service] = {}
         self._connections = 0
         self._in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
         self._draining = False
+        # Made by `drain` only, so a call costs no event of its own.
+        self._drained: trio.Event | None = None
 
     @property
     def port(self) -> int:
@@ -317,7 +317,10 @@ class Server:
     async def drain(self) -> None:
         """Refuse new calls from now on (UNAVAILABLE) and wait until those in flight are done."""
         self._draining = True
-        await self._idle.wait()
+        if self._in_flight:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
 
     async def serve_async(
         self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -375,8 +378,6 @@ class Server:
 
     async def _dispatch(self, stream: Any, peer: Peer) -> None:
         self._in_flight += 1
-        if self._in_flight == 1:
-            self._idle = trio.Event()
         try:
             # A client that resets the stream (it cancelled the call) cancels
             # the handler, and whatever the handler was waiting for with it.
@@ -388,8 +389,8 @@ class Server:
             log.debug("gRPC call ended abnormally: %r", exc)
         finally:
             self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            if self._in_flight == 0 and self._drained is not None:
+                self._drained.set()
 
     async def _handle(self, stream: Any, peer: Peer) -> None:
         # Response headers wait for the first message (TidyStream), or the

@@ -25,10 +25,14 @@ from teisup.proto.grpc.health.v1 import health_pb2
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
 from teisup.rpc import (
     HealthServicer,
+    Method,
     RpcStatusError,
     RpcUnavailable,
     Server,
+    ServerCall,
+    Service,
     ServingStatus,
+    StatusCode,
     call_with_deadline,
     check_health,
     fetch_info,
@@ -520,3 +524,54 @@ async def test_the_server_enforces_a_grpcio_clients_deadline() -> None:
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         with trio.fail_after(5):
             await slow.cancelled.wait()  # the handler did not outlive the deadline
+
+
+# --------------------------------------------------------------------------- call API
+
+
+async def test_drain_refuses_new_calls_and_waits_for_those_in_flight() -> None:
+    release = trio.Event()
+    entered = trio.Event()
+
+    async def slow_info(call: ServerCall) -> None:
+        request = await call.receive_one()
+        entered.set()
+        await release.wait()
+        await call.send(tei_pb2.InfoResponse(model_id=f"done {type(request).__name__}"))
+
+    service = Service(
+        "tei.v1.Info", {"Info": Method(tei_pb2.InfoRequest, tei_pb2.InfoResponse, slow_info)}
+    )
+    async with serving(service) as (server, port), open_channel(LOCAL, port) as channel:
+        answers: list[str] = []
+
+        async def first() -> None:
+            reply = await channel.unary(
+                "tei.v1.Info", "Info", tei_pb2.InfoRequest(), tei_pb2.InfoResponse, timeout=10
+            )
+            answers.append(reply.model_id)
+
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await server.drain()
+            drained.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            with trio.fail_after(10):
+                await entered.wait()
+            nursery.start_soon(drain)
+            with pytest.raises(RpcStatusError) as refused, trio.fail_after(10):
+                await channel.unary(
+                    "tei.v1.Info", "Info", tei_pb2.InfoRequest(), tei_pb2.InfoResponse
+                )
+            assert (refused.value.code, refused.value.details) == (
+                StatusCode.UNAVAILABLE,
+                "server is shutting down",
+            )
+            assert not drained.is_set()
+            assert server.in_flight == 1
+            release.set()
+        assert drained.is_set()
+        assert answers == ["done InfoRequest"]
