@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
 import teisup
+import teisup.api
+import teisup.embedded
+import teisup.grpc
 import teisup.instances
 import teisup.rpc
 import teisup.security
 import teisup.service
 import teisup.supervision
 
-PACKAGES = [teisup.supervision, teisup.instances, teisup.rpc, teisup.security, teisup.service]
+PACKAGES = [
+    teisup.supervision,
+    teisup.security,
+    teisup.rpc,
+    teisup.instances,
+    teisup.embedded,
+    teisup.grpc,
+    teisup.api,
+    teisup.service,
+]
 
 SUPERVISION_API = {
     "BRUTAL_KILL",
@@ -77,3 +91,26 @@ def test_public_names_exist_and_classes_are_documented(package: object) -> None:
 
 def test_version_is_exposed() -> None:
     assert isinstance(teisup.__version__, str)
+
+
+def test_every_package_is_covered() -> None:
+    root = Path(teisup.__file__).parent
+    found = {p.parent.name for p in root.glob("*/__init__.py")} - {"proto"}
+    assert {p.__name__.removeprefix("teisup.") for p in PACKAGES} == found
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
+def test_each_package_declares_its_exports_once_and_documents_itself(package: object) -> None:
+    names = package.__all__  # type: ignore[attr-defined]
+    assert names, f"{package.__name__} exports nothing"  # type: ignore[attr-defined]
+    assert len(set(names)) == len(names)
+    assert inspect.getdoc(package), f"{package.__name__} has no docstring"  # type: ignore[attr-defined]
+    # What the package's modules define publicly and it re-exports is in __all__.
+    module = importlib.import_module(package.__name__)  # type: ignore[attr-defined]
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", "").startswith(module.__name__ + ".")
+    }
+    assert public - set(names) == set()

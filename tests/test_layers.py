@@ -80,14 +80,70 @@ def test_no_cycle_between_service_api_and_security() -> None:
     assert cycles == []
 
 
-def test_other_packages_import_the_service_through_its_export_list() -> None:
+# From the bottom up, as ARCHITECTURE.md's "Layers" lists them: a package may
+# import only those before it.
+LAYERS = [
+    "proto",
+    "supervision",
+    "security",
+    "rpc",
+    "instances",
+    "embedded",
+    "grpc",
+    "api",
+    "service",
+    "bench",
+    "cli",
+    "__main__",
+]
+
+
+def test_every_package_has_a_place_in_the_layers() -> None:
+    assert set(imports_by_package()) | {"proto"} == set(LAYERS)
+
+
+@pytest.mark.parametrize("package", LAYERS[1:])
+def test_a_package_imports_only_the_layers_below_it(package: str) -> None:
+    below = set(LAYERS[: LAYERS.index(package)])
+    assert imports_by_package()[package] - below == set()
+
+
+def test_architecture_lists_the_layers_in_this_order() -> None:
+    text = (ROOT.parent / "ARCHITECTURE.md").read_text()
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `teisup.")]
+    assert rows == [f"teisup.{name}" for name in LAYERS if name != "__main__"]
+
+
+def deep_imports() -> list[str]:
+    """Imports of a module inside another teisup package, past its ``__init__``."""
     deep = []
     for path in ROOT.rglob("*.py"):
-        if path.is_relative_to(ROOT / "service"):
+        relative = path.relative_to(ROOT.parent).with_suffix("")
+        parts = list(relative.parts)
+        here = parts[:-1]  # the package a relative import starts from
+        own = parts[1] if len(parts) > 2 else None
+        if own == "proto":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                name = node.module if not node.level else "teisup." + node.module
-                if name.startswith("teisup.service."):
-                    deep.append(f"{path.relative_to(ROOT)}: {name}")
-    assert deep == []
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here[: len(here) - node.level + 1]
+                    names = [".".join([*base, *([node.module] if node.module else [])])]
+                elif node.module:
+                    names = [node.module]
+            for name in names:
+                target = name.split(".")
+                if target[0] != "teisup" or len(target) < 3:
+                    continue
+                if target[1] in (own, "proto"):
+                    continue
+                deep.append(f"{path.relative_to(ROOT)}: {name}")
+    return deep
+
+
+def test_other_packages_import_a_package_through_its_export_list() -> None:
+    assert deep_imports() == []

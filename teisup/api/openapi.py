@@ -13,9 +13,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
-from ..instances import GpuInfo, InstanceInfo, InstanceSpec
-from ..instances.logs import LogLine
-from ..instances.spec import NAME_PATTERN
+from ..instances import NAME_PATTERN, GpuInfo, InstanceInfo, InstanceSpec, LogLine
 from ..supervision import ChildState, TreeNode
 from .dataplane import EmbedBody, OpenAIEmbeddingsBody, RerankBody, TokenizeBody
 from .errors import Error, OpenAIError, TeiError

@@ -13,6 +13,7 @@
 """
 
 from .handlers import SERVICE_NAME
+from .observe import RequestRecord
 from .pool import BackendPool
 from .routing import Replica, RoutingError, resolve
 from .server import DEFAULT_PORT, Multiplexer, serve_multiplexer
@@ -27,6 +28,7 @@ __all__ = [
     "Multiplexer",
     "MultiplexerService",
     "Replica",
+    "RequestRecord",
     "RoutingError",
     "resolve",
     "serve_multiplexer",

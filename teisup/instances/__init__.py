@@ -22,11 +22,21 @@ from .manager import (
     resolve_launcher,
 )
 from .ports import PortAllocator, PortError, PortRange, PortRangeExhausted, Ports, PortUnavailable
+from .probe import grpc_health_probe
 from .process import ProcessSpawner, set_child_subreaper, sweep_leftovers
 from .runner import InstanceRunner, Probe, RunStatus
-from .spec import InstanceSpec, RestartPolicy, spec_from_dict
+from .spec import (
+    MAX_SECONDS,
+    NAME_PATTERN,
+    InstanceSpec,
+    RestartPolicy,
+    check_bounds,
+    spec_from_dict,
+)
 
 __all__ = [
+    "MAX_SECONDS",
+    "NAME_PATTERN",
     "Desired",
     "ExitCause",
     "FakeNvml",
@@ -61,6 +71,8 @@ __all__ = [
     "RunStatus",
     "Verdict",
     "resolve_launcher",
+    "check_bounds",
+    "grpc_health_probe",
     "set_child_subreaper",
     "spec_from_dict",
     "sweep_leftovers",

@@ -42,8 +42,8 @@ from ..supervision import (
     Supervisor,
     SupervisorNotRunning,
     TreeNode,
+    UnknownChildError,
 )
-from ..supervision.errors import UnknownChildError
 from .exits import InstanceExit
 from .gpus import NvmlReader, validate_gpu_id
 from .health import HealthSettings

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ..instances.spec import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds
+from ..instances import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds
 from ..security import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..grpc import SERVICE_NAME, MultiplexerService
-from ..instances import GpuInfo, InstanceInfo, InstanceManager
-from ..instances.runner import Probe
+from ..instances import GpuInfo, InstanceInfo, InstanceManager, Probe
 from ..rpc import ServerCall, Status, StatusCode
 from ..security import AllowList, TlsReloader, bearer_matches
 from ..supervision import Supervisor

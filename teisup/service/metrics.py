@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..grpc.observe import RequestRecord
+from ..grpc import RequestRecord
 from ..instances import ExitCause, GpuInfo, InstanceExit, InstanceInfo
 from ..supervision import ChildState, TransitionEvent
 from .writer import StateStatus

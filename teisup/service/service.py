@@ -39,13 +39,13 @@ from ..instances import (
     InstanceInfo,
     InstanceManager,
     NvmlReader,
+    Probe,
     ProcessSpawner,
     PynvmlReader,
+    grpc_health_probe,
     resolve_launcher,
     set_child_subreaper,
 )
-from ..instances.probe import grpc_health_probe
-from ..instances.runner import Probe
 from ..security import AllowList, TlsReloader
 from ..supervision import BRUTAL_KILL, ChildSpec, Intensity, Supervisor
 from . import restore, wiring, workers

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..instances.spec import InstanceSpec
+from ..instances import InstanceSpec
 
 __all__ = ["CorruptState", "LoadResult", "SavedInstance", "Snapshot", "StateStore"]
 

@@ -20,9 +20,9 @@ from ..instances import (
     NvmlReader,
     PortAllocator,
     PortRange,
+    Probe,
     ProcessSpawner,
 )
-from ..instances.runner import Probe
 from ..rpc import Authorizer
 from ..security import TlsReloader
 from .config import ManagerConfig
