@@ -41,7 +41,7 @@ from pathlib import Path
 import trio
 
 from .launch import INSTANCE_MARKER
-from .shim import MANAGER_GONE, shim_argv
+from .shim import FORWARDED, MANAGER_GONE, shim_argv
 
 __all__ = [
     "ProcessSpawner",
@@ -75,8 +75,10 @@ def _shim_setup(parent_pid: int) -> None:  # pragma: no cover - runs in the fork
     # What the shim needs from prctl, made here where ctypes is loaded already;
     # both settings survive the exec. Its parent-death signal is one it
     # catches, to kill its tree before it goes.
-    # Blocked across the exec, so that it waits for the shim, pending.
-    signal.pthread_sigmask(signal.SIG_BLOCK, [MANAGER_GONE])
+    # Blocked across the exec, so that they wait for the shim, pending: the
+    # parent-death signal, and a stop the manager sends the group while the
+    # shim starts (the shim passes that on to the instance once it runs).
+    signal.pthread_sigmask(signal.SIG_BLOCK, [MANAGER_GONE, *FORWARDED])
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     _libc.prctl(_PR_SET_PDEATHSIG, MANAGER_GONE, 0, 0, 0)
     if os.getppid() != parent_pid:

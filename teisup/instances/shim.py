@@ -17,7 +17,11 @@ settings outlive the exec), a child subreaper whose parent-death signal is
   manager die while the shim starts, it waits, pending);
 * forwards the usual signals to the instance, unless they come from the
   manager: the manager signals the whole process group, which the instance
-  is in already, and a second SIGTERM could end its graceful shutdown early;
+  is in already, and a second SIGTERM could end its graceful shutdown early.
+  The exception is a signal sent while the shim starts, before the instance
+  is in the group: the spawner blocks these too before the exec, and the
+  shim passes on whatever is pending once the instance runs, so a stop
+  right after a start is not lost (the instance would live out the grace);
 * when the instance exits, kills what is left of its tree (detached
   grandchildren included) and exits as the instance did: the same code, or
   killed by the same signal, so the manager's exit readings stay right.
@@ -169,6 +173,13 @@ def _spawn(argv: Sequence[str], mask: set[int | signal.Signals]) -> int:
         os._exit(127)
 
 
+def _forward(instance: int, signo: int) -> None:
+    try:  # noqa: SIM105 - contextlib is not built in: slower to start
+        os.kill(instance, signo)
+    except ProcessLookupError:
+        pass
+
+
 def main(args: Sequence[str]) -> None:
     """``MANAGER_PID -- ARGV...``: run ARGV as described above; never returns."""
     if len(args) < 3 or args[1] != "--":
@@ -179,8 +190,13 @@ def main(args: Sequence[str]) -> None:
     waited = {signal.SIGCHLD, MANAGER_GONE, *FORWARDED}
     # Blocked, a signal is never lost, only left pending until sigwaitinfo
     # takes it; the instance gets the mask the manager gave us.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited) - {MANAGER_GONE}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited) - {MANAGER_GONE, *FORWARDED}
     instance = _spawn(argv, mask)
+    # The spawner blocked these across the exec. One sent while the shim
+    # started (the manager stopping an instance just spawned) found the group
+    # without the instance in it, so whatever is pending now is passed on.
+    while (early := signal.sigtimedwait(FORWARDED, 0)) is not None:
+        _forward(instance, early.si_signo)
     while True:
         info = signal.sigwaitinfo(waited)
         if info.si_signo == MANAGER_GONE or os.getppid() != manager:
@@ -191,10 +207,7 @@ def main(args: Sequence[str]) -> None:
                     kill_tree(me)
                     _exit_like(status)
         elif info.si_pid != manager:
-            try:  # noqa: SIM105 - contextlib is not built in: slower to start
-                os.kill(instance, info.si_signo)
-            except ProcessLookupError:
-                pass
+            _forward(instance, info.si_signo)
 
 
 if __name__ == "__main__":

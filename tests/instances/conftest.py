@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -86,3 +87,16 @@ async def wait_gone(pid: int) -> None:
         await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS just handed out, away from the 8080-8179 range that other
+    managers (and their tests) on this machine allocate from."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -32,7 +32,7 @@ from teisup.rpc import fetch_info
 from teisup.supervision import Backoff, ChildState, RestartType
 
 from ..supervision.helpers import wait_for
-from .conftest import running_manager, wait_gone
+from .conftest import free_ports, running_manager, wait_gone
 
 QUICK = RestartPolicy(backoff=Backoff(initial=0.1, maximum=1.0))
 
@@ -279,8 +279,9 @@ async def test_an_instance_not_ready_within_its_budget_is_restarted(tmp_path: Pa
 async def test_delete_stops_the_process_and_frees_its_ports(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with running_manager(tmp_path) as manager:
+            port, prometheus_port = free_ports(2)
             with manager.supervisor.events.subscribe() as events:
-                info = await manager.create(spec(port=8150, prometheus_port=9150))
+                info = await manager.create(spec(port=port, prometheus_port=prometheus_port))
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             pid = manager.get("bge-small").pid
             await manager.delete("bge-small")
@@ -290,9 +291,9 @@ async def test_delete_stops_the_process_and_frees_its_ports(tmp_path: Path) -> N
             with pytest.raises(InstanceNotFound):
                 manager.get("bge-small")
             again = await manager.create(
-                spec("other", port=info.port, prometheus_port=9150), start=False
+                spec("other", port=info.port, prometheus_port=prometheus_port), start=False
             )
-            assert again.port == 8150
+            assert again.port == port
 
 
 def test_the_launcher_is_tei_when_found_else_the_embedded_backend(

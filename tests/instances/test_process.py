@@ -280,3 +280,21 @@ async def test_a_child_being_spawned_is_never_taken_for_an_adopted_orphan() -> N
                 for f in (p.stdout, p.stderr):
                     assert f is not None
                     f.close()
+
+
+async def test_a_stop_sent_while_the_shim_starts_reaches_the_instance() -> None:
+    # The manager's SIGTERM goes to the group at once, before the shim has
+    # started the instance: it must not be lost (the instance would live on
+    # until the grace ends and SIGKILL comes).
+    script = "trap 'exit 7' TERM; echo up; while :; do sleep 0.05; done"
+    async with ProcessSpawner() as spawner:
+        proc = await spawner.spawn(["sh", "-c", script], env={"PATH": os.environ["PATH"]})
+        assert kill_group(proc.pid, signal.SIGTERM)
+        with trio.fail_after(10):
+            code = await wait_for_exit(proc)
+        # The instance's own answer to SIGTERM (or SIGTERM itself, if it came
+        # before the trap was set), passed through by the shim.
+        assert code in (7, -signal.SIGTERM)
+        for f in (proc.stdout, proc.stderr):
+            assert f is not None
+            f.close()

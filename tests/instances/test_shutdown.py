@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import trio
@@ -12,23 +11,10 @@ from teisup.instances.process import proc_state
 from teisup.supervision import ChildState
 
 from ..supervision.helpers import drain
-from .conftest import running_manager
+from .conftest import free_ports, running_manager
 
 NAMES = [f"stuck-{n}" for n in range(5)]
 GRACE = 3.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the OS just handed out, away from the 8080-8179 range that other
-    managers (and their tests) on this machine allocate from."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 async def test_instances_that_ignore_sigterm_are_stopped_in_parallel(tmp_path: Path) -> None:
