@@ -15,33 +15,43 @@ def _package_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "teisup" else None
 
 
+def imported_modules(path: Path) -> list[str]:
+    """The absolute names of the modules ``path`` imports, relative imports resolved."""
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    here = parts[:-1]  # the package a relative import starts from
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                names.append(".".join([*base, *([node.module] if node.module else [])]))
+            elif node.module:
+                names.append(node.module)
+    return names
+
+
+def _own_package(path: Path) -> str | None:
+    """``teisup.<package>`` a file belongs to (a top-level module is its own)."""
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return parts[1] if len(parts) > 1 else None
+
+
 def imports_by_package() -> dict[str, set[str]]:
     """For each ``teisup.<package>``, the other ``teisup`` packages its modules import."""
     graph: dict[str, set[str]] = {}
     for path in ROOT.rglob("*.py"):
-        relative = path.relative_to(ROOT.parent).with_suffix("")
-        parts = list(relative.parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        if len(parts) < 2 or parts[1] == "proto":
+        package = _own_package(path)
+        if package is None or package == "proto":
             continue
-        package = parts[1]
-        here = parts if path.name == "__init__.py" else parts[:-1]
         targets = graph.setdefault(package, set())
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = here[: len(here) - node.level + 1]
-                    names = [".".join([*base, *([node.module] if node.module else [])])]
-                elif node.module:
-                    names = [node.module]
-            for name in names:
-                target = _package_of(name)
-                if target is not None and target != package:
-                    targets.add(target)
+        for name in imported_modules(path):
+            target = _package_of(name)
+            if target is not None and target != package:
+                targets.add(target)
     return graph
 
 
@@ -119,28 +129,12 @@ def deep_imports() -> list[str]:
     """Imports of a module inside another teisup package, past its ``__init__``."""
     deep = []
     for path in ROOT.rglob("*.py"):
-        relative = path.relative_to(ROOT.parent).with_suffix("")
-        parts = list(relative.parts)
-        here = parts[:-1]  # the package a relative import starts from
-        own = parts[1] if len(parts) > 2 else None
+        own = _own_package(path)
         if own == "proto":
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = here[: len(here) - node.level + 1]
-                    names = [".".join([*base, *([node.module] if node.module else [])])]
-                elif node.module:
-                    names = [node.module]
-            for name in names:
-                target = name.split(".")
-                if target[0] != "teisup" or len(target) < 3:
-                    continue
-                if target[1] in (own, "proto"):
-                    continue
+        for name in imported_modules(path):
+            target = name.split(".")
+            if target[0] == "teisup" and len(target) > 2 and target[1] not in (own, "proto"):
                 deep.append(f"{path.relative_to(ROOT)}: {name}")
     return deep
 
