@@ -19,9 +19,7 @@ port.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -34,6 +32,8 @@ import httpx
 import trio
 
 from teisup.instances.process import proc_state
+
+from ..ports import free_port, private_port_block, with_private_ports
 
 FAKE_TEI = Path(__file__).resolve().parents[1] / "fake_tei.py"
 
@@ -49,13 +49,6 @@ exec "{python}" "{fake}" "$@"
 
 FAKE = {"model_id": "BAAI/bge-small-en-v1.5"}
 """The model every fake instance claims to serve, unless a test names another."""
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def alive(pid: int) -> bool:
@@ -164,13 +157,7 @@ async def teisup(
     router = root / "text-embeddings-router"
     router.write_text(ROUTER.format(knobs=knobs, python=sys.executable, fake=FAKE_TEI))
     router.chmod(0o755)
-    base = random.randrange(10_000, 30_000, 64)
-    ports = (
-        f"instance_port_start = {base}\ninstance_port_end = {base + 64}\n"
-        f"prometheus_port_start = {base + 64}\nprometheus_port_end = {base + 128}\n"
-    )
-    # A test's own port keys win (TOML refuses a key twice, so only one set).
-    (root / "teisup.toml").write_text(config if "instance_port_start" in config else ports + config)
+    (root / "teisup.toml").write_text(with_private_ports(config, private_port_block()))
     port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "teisup", "-c", str(root / "teisup.toml"),

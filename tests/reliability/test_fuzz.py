@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+from ..ports import free_port, private_port_block, with_private_ports
 
 pytestmark = pytest.mark.slow
 
@@ -78,23 +79,17 @@ CHECKS = [
 WAIT_CAP = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def teisup_url(tmp_path: Path) -> Iterator[str]:
     """A running teisup with two seed instances on the TEI test double."""
     router = tmp_path / "text-embeddings-router"
     router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
     router.chmod(0o755)
-    (tmp_path / "teisup.toml").write_text(CONFIG)
-    port = _free_port()
+    (tmp_path / "teisup.toml").write_text(with_private_ports(CONFIG, private_port_block()))
+    port = free_port()
     argv = [
         sys.executable, "-m", "teisup", "-c", str(tmp_path / "teisup.toml"),
-        "--api-port", str(port), "--grpc-port", str(_free_port()),
+        "--api-port", str(port), "--grpc-port", str(free_port()),
         "--state-file", str(tmp_path / "state.toml"),
     ]  # fmt: skip
     env = {**os.environ, "TEI_BINARY_PATH": str(router), "TEISUP_BIND_HOST": "127.0.0.1"}

@@ -20,13 +20,9 @@ import trio
 from teisup.instances.process import proc_state
 from teisup.rpc import fetch_info
 
+from ..ports import BLOCK, free_port, private_port_block, with_private_ports
+
 FAKE_TEI = Path(__file__).resolve().parents[1] / "fake_tei.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Teisup:
@@ -40,6 +36,8 @@ class Teisup:
         self.logged = trio.Event()
         self.http = httpx.AsyncClient(base_url=url, timeout=30, **client)  # type: ignore[arg-type]
         self.grpc_port = 0
+        #: The ports this manager allocates instance ports from.
+        self.instance_ports = range(0)
 
     async def wait_log(self, text: str, timeout: float = 30) -> str:  # noqa: ASYNC109
         """The first log line containing ``text``, once it has been written."""
@@ -67,7 +65,8 @@ async def teisup(
     router = tmp_path / "text-embeddings-router"
     router.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_TEI}" "$@"\n')
     router.chmod(0o755)
-    (tmp_path / "teisup.toml").write_text(config)
+    block = private_port_block()
+    (tmp_path / "teisup.toml").write_text(with_private_ports(config, block))
     port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "teisup", "-c", str(tmp_path / "teisup.toml"),
@@ -110,6 +109,7 @@ async def teisup(
         assert proc.returncode is None, "\n".join(log)
         running = Teisup(proc, f"{scheme}://127.0.0.1:{port}", log, **(client or {}))
         running.grpc_port = grpc_port
+        running.instance_ports = range(block.start, block.start + BLOCK)
         watchers.append(running)
         try:
             yield running
@@ -172,12 +172,13 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
         body = created.json()
         assert (body["name"], body["status"]) == ("bge-small", "starting")
         running = await wait_state(t, "bge-small", "running")
-        # A port of the instance range (another teisup may hold 8080), never
-        # the manager's own, and the instance's own process answers there.
+        # A port of the configured instance range (another teisup may hold
+        # 8080-8180), never the manager's own, and the instance's own process
+        # answers there.
         manager_ports = (int(t.url.rsplit(":", 1)[1]), t.grpc_port)
         for port in (body["port"], running["port"]):
             assert isinstance(port, int)
-            assert 8080 <= port <= 8179
+            assert port in t.instance_ports
             assert port not in manager_ports
         port = running["port"]
         assert isinstance(port, int)
