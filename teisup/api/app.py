@@ -319,7 +319,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         """``?wait=<state>&timeout=<s>`` answers once the instance is in that
         state (event-driven, no polling); at once with 409 when it cannot get
         there without a call (`wait_verdict`), or 404 once it is deleted;
-        504 with its current state after the timeout."""
+        409 ``WAIT_TIMEOUT`` with its current state after the timeout: the
+        instance is not in the asked state, which is the client's condition,
+        not a fault of the server (so no 5xx)."""
         wanted_text = request.args.get("wait")
         if wanted_text is None:
             return _json(manager.get(name))
@@ -354,8 +356,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             )
         if verdict is WaitVerdict.PENDING:
             raise ApiError(
-                504,
-                "TIMEOUT",
+                409,
+                "WAIT_TIMEOUT",
                 f"instance {name!r} is {info.status.value}, not {wanted.value}, after {timeout:g}s",
             )
         return _json(info)

@@ -151,8 +151,8 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "description": (
                 "With `wait`, answers 200 once the instance is in that state; 409 "
                 "(STATE_UNREACHABLE) at once when it cannot get there without a call: it "
-                "is failed, or stopped on request; 404 if it is deleted meanwhile; 504 "
-                "(TIMEOUT) with its current state in the message after `timeout` seconds."
+                "is failed, or stopped on request; 404 if it is deleted meanwhile; 409 "
+                "(WAIT_TIMEOUT) with its current state in the message after `timeout` seconds."
             ),
             "parameters": [*_NAME, *_WAIT],
             "responses": {
@@ -160,7 +160,6 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "404": _ERROR,
                 "409": _ERROR,
                 "422": _ERROR,
-                "504": _ERROR,
             },
         },
         "delete": {

@@ -167,6 +167,12 @@ async def test_waiting_for_a_state_that_cannot_come_answers_at_once(tmp_path: Pa
         # A start makes running reachable again: the wait answers when it is.
         assert (await http.post("/instances/bge-small/start")).status_code == 200
         await wait_state(t, "bge-small", "running")
+
+        # Reachable but not reached in time: the client's condition is unmet,
+        # which is a 409 naming the current state, not a server error.
+        late = await http.get("/instances/bge-small", params={"wait": "stopping", "timeout": 0.2})
+        assert (late.status_code, late.json()["code"]) == (409, "WAIT_TIMEOUT")
+        assert "running" in late.json()["error"]
         assert await t.stop() == 0
 
 
