@@ -25,7 +25,8 @@ What it does, in TEI's order:
    NOT_SERVING, as for an embedding model) and ``tei.v1.Info`` (version
    "1.8.3", ``--model-id``, ``--revision`` as ``model_sha``, ``--dtype`` or
    "float32", max_input_length 512 and the limits from the flags). No other TEI
-   service, no metrics listener on ``--prometheus-port``, no API-key check;
+   service (but see ``FAKE_TEI_RECORD``), no metrics listener on
+   ``--prometheus-port``, no API-key check;
 4. on SIGTERM or SIGINT logs ``signal received, starting graceful shutdown``
    and exits 0. As in TEI, no handler is installed before the server starts:
    a signal during the start delay kills the process by the signal.
@@ -67,6 +68,14 @@ Behaviour knobs, read from the environment:
     This long after ``Ready``, stop answering: every gRPC call (health
     included) waits forever, while connections are still accepted and SIGTERM
     still works. (SIGSTOP gives a harder hang: not even signals are handled.)
+
+``FAKE_TEI_RECORD`` (a file path)
+    Also serve ``tei.v1.Embed``'s ``Embed`` and ``EmbedStream`` as a
+    recording stand-in: append one JSON line per request received to this
+    file, ``{"inputs": ..., "normalize": true|false|null, "truncate": ...}``
+    (``null``: the field was not set, which proto3 ``optional`` lets a server
+    see), and answer ``[3.0, 4.0]`` (norm 5), or ``[0.6, 0.8]`` when
+    normalizing, with TEI 1.9's rule that an unset ``normalize`` means true.
 
 Bad knob values are a usage error (exit 2).
 """
@@ -161,6 +170,7 @@ class Knobs:
     detached_grandchild: bool = False
     hang_after: float | None = None
     ready_early: float | None = None
+    record: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Knobs:
@@ -188,6 +198,7 @@ class Knobs:
             grandchild=env.get("FAKE_TEI_GRANDCHILD", "") not in ("", "0"),
             detached_grandchild=env.get("FAKE_TEI_DETACHED_GRANDCHILD", "") not in ("", "0"),
             hang_after=seconds("FAKE_TEI_HANG"),
+            record=env.get("FAKE_TEI_RECORD") or None,
             ready_early=seconds("FAKE_TEI_READY_EARLY"),
         )
 
@@ -263,6 +274,32 @@ class FakeHealth(HealthServicer):
         if self._hung.is_set():
             await trio.sleep_forever()
         return await super().Check(input_message)
+
+
+class RecordingEmbed(tei_grpc.EmbedServicer):
+    """``Embed`` / ``EmbedStream`` that write down what arrived (``FAKE_TEI_RECORD``)."""
+
+    RAW = (3.0, 4.0)
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def _answer(self, request: tei_pb2.EmbedRequest) -> tei_pb2.EmbedResponse:
+        normalize = request.normalize if request.HasField("normalize") else None
+        entry = {"inputs": request.inputs, "normalize": normalize, "truncate": request.truncate}
+        with open(self._path, "a") as out:
+            out.write(json.dumps(entry) + "\n")
+        vector = [v / 5.0 for v in self.RAW] if normalize is not False else list(self.RAW)
+        return tei_pb2.EmbedResponse(
+            embeddings=vector, metadata=tei_pb2.Metadata(compute_tokens=len(request.inputs))
+        )
+
+    async def Embed(self, input_message: tei_pb2.EmbedRequest) -> tei_pb2.EmbedResponse:
+        return self._answer(input_message)
+
+    async def EmbedStream(self, input_messages: Any) -> Any:
+        async for request in input_messages:
+            yield self._answer(request)
 
 
 def info_response(args: argparse.Namespace) -> tei_pb2.InfoResponse:
@@ -362,6 +399,8 @@ async def serve(args: argparse.Namespace, knobs: Knobs, log: Log) -> int:
     server = Server(args.port, host=BIND_HOST)
     server.add_service(FakeHealth(hung))
     server.add_service(FakeInfo(info_response(args), hung))
+    if knobs.record is not None:
+        server.add_service(RecordingEmbed(knobs.record))
     stop_signals = [signal.SIGINT] if knobs.ignore_sigterm else [signal.SIGTERM, signal.SIGINT]
     # Installed before Ready, so a signal sent by someone who saw Ready is handled.
     with trio.open_signal_receiver(*stop_signals) as signals:

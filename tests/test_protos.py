@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 
 from teisup.proto.grpc.health.v1 import health_grpc, health_pb2
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
+from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 GEN_PROTOS = ROOT / "tools" / "gen_protos.py"
@@ -77,7 +80,13 @@ def test_embed_request_round_trip() -> None:
     bare = tei_pb2.EmbedRequest.FromString(tei_pb2.EmbedRequest(inputs="x").SerializeToString())
     assert not bare.HasField("dimensions")
     assert not bare.HasField("prompt_name")
-    assert bare.normalize is False  # the gRPC default, unlike TEI's HTTP API
+    # TEI 1.9: normalize has presence too, so unset (meaning true) is not false.
+    assert not bare.HasField("normalize")
+    explicit = tei_pb2.EmbedRequest.FromString(
+        tei_pb2.EmbedRequest(inputs="x", normalize=False).SerializeToString()
+    )
+    assert explicit.HasField("normalize")
+    assert explicit.normalize is False
 
 
 def field_numbers(message: type) -> dict[str, int]:
@@ -153,3 +162,142 @@ def test_generated_modules_live_in_the_package() -> None:
     assert health_pb2.HealthCheckRequest.__module__ == "teisup.proto.grpc.health.v1.health_pb2"
     assert tei_grpc.InfoServicer().service.name == "tei.v1.Info"
     assert health_grpc.HealthServicer().service.name == "grpc.health.v1.Health"
+
+
+#: Every message of TEI 1.9.3's tei.v1 and tei-manager 0.12's tei_multiplexer.v1, field by
+#: field, as their .proto files declare them: ``[label_]type name=number``.
+WIRE_CONTRACT = {
+    "tei.v1.InfoRequest": "",
+    "tei.v1.InfoResponse": "string version=1 optional_string sha=2 optional_string docker_label=3 "
+    "string model_id=4 optional_string model_sha=5 string model_dtype=6 ModelType model_type=7 "
+    "uint32 max_concurrent_requests=8 uint32 max_input_length=9 uint32 max_batch_tokens=10 "
+    "optional_uint32 max_batch_requests=11 uint32 max_client_batch_size=12 "
+    "uint32 tokenization_workers=13",
+    "tei.v1.Metadata": "uint32 compute_chars=1 uint32 compute_tokens=2 uint64 total_time_ns=3 "
+    "uint64 tokenization_time_ns=4 uint64 queue_time_ns=5 uint64 inference_time_ns=6",
+    "tei.v1.EmbedRequest": "string inputs=1 bool truncate=2 optional_bool normalize=3 "
+    "TruncationDirection truncation_direction=4 optional_string prompt_name=5 "
+    "optional_uint32 dimensions=6",
+    "tei.v1.EmbedResponse": "repeated_float embeddings=1 Metadata metadata=2",
+    "tei.v1.EmbedSparseRequest": "string inputs=1 bool truncate=2 "
+    "TruncationDirection truncation_direction=3 optional_string prompt_name=4",
+    "tei.v1.SparseValue": "uint32 index=1 float value=2",
+    "tei.v1.EmbedSparseResponse": "repeated_SparseValue sparse_embeddings=1 Metadata metadata=2",
+    "tei.v1.EmbedAllRequest": "string inputs=1 bool truncate=2 "
+    "TruncationDirection truncation_direction=3 optional_string prompt_name=4",
+    "tei.v1.TokenEmbedding": "repeated_float embeddings=1",
+    "tei.v1.EmbedAllResponse": "repeated_TokenEmbedding token_embeddings=1 Metadata metadata=2",
+    "tei.v1.PredictRequest": "string inputs=1 bool truncate=2 bool raw_scores=3 "
+    "TruncationDirection truncation_direction=4",
+    "tei.v1.PredictPairRequest": "repeated_string inputs=1 bool truncate=2 bool raw_scores=3 "
+    "TruncationDirection truncation_direction=4",
+    "tei.v1.Prediction": "float score=1 string label=2",
+    "tei.v1.PredictResponse": "repeated_Prediction predictions=1 Metadata metadata=2",
+    "tei.v1.RerankRequest": "string query=1 repeated_string texts=2 bool truncate=3 "
+    "bool raw_scores=4 bool return_text=5 TruncationDirection truncation_direction=6",
+    "tei.v1.RerankStreamRequest": "string query=1 string text=2 bool truncate=3 "
+    "bool raw_scores=4 bool return_text=5 TruncationDirection truncation_direction=6",
+    "tei.v1.Rank": "uint32 index=1 optional_string text=2 float score=3",
+    "tei.v1.RerankResponse": "repeated_Rank ranks=1 Metadata metadata=2",
+    "tei.v1.EncodeRequest": "string inputs=1 bool add_special_tokens=2 "
+    "optional_string prompt_name=3",
+    "tei.v1.SimpleToken": "uint32 id=1 string text=2 bool special=3 optional_uint32 start=4 "
+    "optional_uint32 stop=5",
+    "tei.v1.EncodeResponse": "repeated_SimpleToken tokens=1",
+    "tei.v1.DecodeRequest": "repeated_uint32 ids=1 bool skip_special_tokens=2",
+    "tei.v1.DecodeResponse": "string text=1",
+    "tei_multiplexer.v1.Target": "oneof_routing_string instance_name=1 "
+    "oneof_routing_string model_id=2 oneof_routing_uint32 instance_index=3",
+    "tei_multiplexer.v1.InfoRequest": "Target target=1",
+    "tei_multiplexer.v1.EmbedRequest": "Target target=1 tei.v1.EmbedRequest request=2",
+    "tei_multiplexer.v1.EmbedSparseRequest": "Target target=1 tei.v1.EmbedSparseRequest request=2",
+    "tei_multiplexer.v1.EmbedAllRequest": "Target target=1 tei.v1.EmbedAllRequest request=2",
+    "tei_multiplexer.v1.PredictRequest": "Target target=1 tei.v1.PredictRequest request=2",
+    "tei_multiplexer.v1.PredictPairRequest": "Target target=1 tei.v1.PredictPairRequest request=2",
+    "tei_multiplexer.v1.RerankRequest": "Target target=1 tei.v1.RerankRequest request=2",
+    "tei_multiplexer.v1.RerankStreamRequest": "Target target=1 "
+    "tei.v1.RerankStreamRequest request=2",
+    "tei_multiplexer.v1.EncodeRequest": "Target target=1 tei.v1.EncodeRequest request=2",
+    "tei_multiplexer.v1.DecodeRequest": "Target target=1 tei.v1.DecodeRequest request=2",
+    # A plain bool in tei-manager 0.12 (no presence), unlike tei.v1's normalize.
+    "tei_multiplexer.v1.EmbedArrowRequest": "Target target=1 bytes arrow_ipc=2 bool truncate=3 "
+    "bool normalize=4 bool noop=5",
+    "tei_multiplexer.v1.EmbedArrowResponse": "bytes arrow_ipc=1",
+    "tei_multiplexer.v1.EmbedSparseArrowRequest": "Target target=1 bytes arrow_ipc=2 "
+    "bool truncate=3 bool noop=4",
+    "tei_multiplexer.v1.EmbedSparseArrowResponse": "bytes arrow_ipc=1",
+}
+
+_SCALARS = {
+    getattr(FieldDescriptor, name): name[5:].lower()
+    for name in dir(FieldDescriptor)
+    if name.startswith("TYPE_") and name not in ("TYPE_MESSAGE", "TYPE_ENUM", "TYPE_GROUP")
+}
+
+
+def _render(message: Any) -> str:
+    package = message.file.package
+    fields = []
+    for f in message.fields:
+        if f.message_type is not None or f.enum_type is not None:
+            kind = (f.message_type or f.enum_type).full_name
+            kind = kind.removeprefix(package + ".")
+        else:
+            kind = _SCALARS[f.type]
+        oneof = f.containing_oneof
+        if f.is_repeated:
+            kind = "repeated_" + kind
+        elif oneof is not None and oneof.name.startswith("_"):  # proto3 `optional`
+            kind = "optional_" + kind
+        elif oneof is not None:
+            kind = f"oneof_{oneof.name}_{kind}"
+        fields.append(f"{kind} {f.name}={f.number}")
+    return " ".join(fields)
+
+
+def test_every_message_is_field_for_field_tei_193_and_tei_manager_012() -> None:
+    messages = {}
+    for module in (tei_pb2, multiplexer_pb2):
+        for message in module.DESCRIPTOR.message_types_by_name.values():
+            messages[message.full_name] = _render(message)
+    assert messages == WIRE_CONTRACT
+
+
+def test_the_multiplexer_service_is_tei_managers() -> None:
+    service = multiplexer_pb2.DESCRIPTOR.services_by_name["TeiMultiplexer"]
+    assert service.full_name == "tei_multiplexer.v1.TeiMultiplexer"
+    shapes = {
+        m.name: (m.input_type.full_name, m.output_type.full_name, m.client_streaming,
+                 m.server_streaming)
+        for m in service.methods
+    }  # fmt: skip
+    assert sorted(shapes) == sorted(
+        [
+            "Info",
+            "Embed",
+            "EmbedStream",
+            "EmbedSparse",
+            "EmbedSparseStream",
+            "EmbedAll",
+            "EmbedAllStream",
+            "EmbedArrow",
+            "EmbedSparseArrow",
+            "Predict",
+            "PredictPair",
+            "PredictStream",
+            "PredictPairStream",
+            "Rerank",
+            "RerankStream",
+            "Tokenize",
+            "TokenizeStream",
+            "Decode",
+            "DecodeStream",
+        ]
+    )
+    mux, tei = "tei_multiplexer.v1.", "tei.v1."
+    assert shapes["EmbedArrow"] == (mux + "EmbedArrowRequest", mux + "EmbedArrowResponse",
+                                    False, False)  # fmt: skip
+    assert shapes["RerankStream"] == (mux + "RerankStreamRequest", tei + "RerankResponse",
+                                      True, False)  # fmt: skip
+    assert shapes["DecodeStream"] == (mux + "DecodeRequest", tei + "DecodeResponse", True, True)
+    assert shapes["Info"] == (mux + "InfoRequest", tei + "InfoResponse", False, False)

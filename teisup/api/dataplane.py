@@ -72,7 +72,8 @@ class EmbedBody(msgspec.Struct):
     truncate: bool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
-    normalize: bool = True
+    normalize: bool | None = None
+    """Absent (or null): left unset on the ``tei.v1`` request, which means true (TEI 1.9)."""
     dimensions: Dimensions | None = None
 
 

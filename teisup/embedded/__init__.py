@@ -1,6 +1,6 @@
 """The embedded backend: a TEI-compatible gRPC server computing real embeddings.
 
-``python -m teisup.embedded --model-id ... --port ...`` takes TEI 1.8.3's router
+``python -m teisup.embedded --model-id ... --port ...`` takes TEI 1.9.3's router
 flags and speaks its ``tei.v1`` gRPC protocol, with sentence-transformers on
 PyTorch doing the work, so teisup runs on machines with no TEI binary. The
 manager launches it exactly as it launches TEI (`teisup.instances.resolve_launcher`).

@@ -1,11 +1,16 @@
-"""TEI 1.8.3's router command line (``text-embeddings-router``), parsed as clap does.
+"""TEI 1.9.3's router command line (``text-embeddings-router``), parsed as clap does.
 
 Every option also reads the UPPER_SNAKE environment variable of its name
 (``--max-batch-tokens`` <-> ``MAX_BATCH_TOKENS``); the command line wins over
 the environment. Usage errors print a usage line and ``error: ...`` on stderr
 and exit 2, as clap does: an unknown flag, a missing or malformed value, a
-boolean variable that is not exactly ``true`` or ``false``, ``--auto-truncate``
-given a value, or both ``--default-prompt`` and ``--default-prompt-name``.
+boolean variable that is not exactly ``true`` or ``false``, no ``--model-id``
+(nor ``MODEL_ID``), or both ``--default-prompt`` and ``--default-prompt-name``.
+
+What 1.9 changed from 1.8.3, and this follows: ``--model-id`` is required (no
+default model); ``--auto-truncate`` defaults to true and takes an optional
+value (``--auto-truncate``, ``--auto-truncate true``, ``--auto-truncate
+false``); ``--served-model-name`` names the model for OpenAI's ``model`` field.
 
 Nothing here imports torch, so a usage error exits in milliseconds.
 """
@@ -20,12 +25,27 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["TEI_VERSION", "Settings", "build_parser", "parse_settings"]
+from teisup import __version__
+
+__all__ = [
+    "INFO_VERSION",
+    "TEI_VERSION",
+    "Settings",
+    "available_cpus",
+    "build_parser",
+    "parse_settings",
+]
 
 log = logging.getLogger(__name__)
 
-TEI_VERSION = "1.8.3"
+TEI_VERSION = "1.9.3"
 """The TEI release whose CLI and gRPC protocol this backend speaks."""
+
+INFO_VERSION = f"{TEI_VERSION}+teisup.{__version__}"
+"""``Info.version`` and ``--version``: TEI's version, teisup's as semver build metadata.
+
+A client comparing versions (``>= 1.9``) reads 1.9.3; a person sees it is teisup.
+"""
 
 _POOLINGS = ("cls", "mean", "splade", "last-token")
 _DTYPES = ("float16", "float32", "bfloat16")
@@ -35,7 +55,7 @@ _DTYPES = ("float16", "float32", "bfloat16")
 class Settings:
     """The parsed router options, with TEI's defaults filled in."""
 
-    model_id: str = "BAAI/bge-large-en-v1.5"
+    model_id: str
     revision: str | None = None
     tokenization_workers: int | None = None
     dtype: str | None = None
@@ -44,7 +64,7 @@ class Settings:
     max_batch_tokens: int = 16384
     max_batch_requests: int | None = None
     max_client_batch_size: int = 32
-    auto_truncate: bool = False
+    auto_truncate: bool = True
     default_prompt_name: str | None = None
     default_prompt: str | None = None
     dense_path: str | None = None
@@ -62,11 +82,39 @@ class Settings:
     otlp_service_name: str = "text-embeddings-inference.server"
     prometheus_port: int = 9000
     cors_allow_origin: tuple[str, ...] | None = None
+    served_model_name: str | None = None
 
     @property
     def workers(self) -> int:
-        """``--tokenization-workers``, defaulting to the CPU count as TEI does."""
-        return self.tokenization_workers or os.cpu_count() or 1
+        """``--tokenization-workers``, defaulting to the CPUs this process may use, as TEI's."""
+        return self.tokenization_workers or available_cpus()
+
+    @property
+    def model_name(self) -> str:
+        """The name OpenAI clients see as ``model``: ``--served-model-name``, else the id."""
+        return self.served_model_name or self.model_id
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may run on, as Rust's ``num_cpus::get()`` counts them.
+
+    That is TEI's default for ``--tokenization-workers``: the CPUs in the
+    process's affinity mask, lowered to a cgroup v2 CPU quota (``cpu.max``,
+    rounded up) when one is set, as in a container started with ``--cpus``.
+    ``os.cpu_count()`` would count every CPU of the machine instead.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return max(count, 1)
+    if quota != "max" and int(period) > 0:
+        count = min(count, max(1, -(-int(quota) // int(period))))
+    return max(count, 1)
 
 
 def _unsigned(bits: int) -> type[int] | object:
@@ -82,6 +130,13 @@ def _unsigned(bits: int) -> type[int] | object:
         return value
 
     return parse
+
+
+def _bool_value(text: str) -> bool:
+    """An optional boolean flag value (``--auto-truncate false``): exactly true or false."""
+    if text in ("true", "false"):
+        return text == "true"
+    raise argparse.ArgumentTypeError(f"invalid value {text!r}: possible values: true, false")
 
 
 def _bool_env(name: str, text: str) -> bool:
@@ -112,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u16, _u32, usize = _unsigned(16), _unsigned(32), _unsigned(64)
     p.add_argument(
-        "-V", "--version", action="version", version=f"text-embeddings-router {TEI_VERSION}"
+        "-V", "--version", action="version", version=f"text-embeddings-router {INFO_VERSION}"
     )
+    # Required since 1.9.0 (it may come from MODEL_ID): checked once env is read.
     p.add_argument("--model-id")
     p.add_argument("--revision")
     p.add_argument("--tokenization-workers", type=usize)  # type: ignore[arg-type]
@@ -123,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=usize)  # type: ignore[arg-type]
     p.add_argument("--max-batch-requests", type=usize)  # type: ignore[arg-type]
     p.add_argument("--max-client-batch-size", type=usize)  # type: ignore[arg-type]
-    # A bare flag in 1.8.x: "--auto-truncate true" leaves "true" unparsed, exit 2.
-    p.add_argument("--auto-truncate", action="store_true")
+    # 1.9: true by default; a bare flag means true, or it takes true/false.
+    p.add_argument(
+        "--auto-truncate", nargs="?", const=True, type=_bool_value, metavar="<AUTO_TRUNCATE>"
+    )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--default-prompt-name")
     prompt.add_argument("--default-prompt")
@@ -143,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-service-name")
     p.add_argument("--prometheus-port", type=u16)  # type: ignore[arg-type]
     p.add_argument("--cors-allow-origin", action="append")
+    p.add_argument("--served-model-name")
     return p
 
 
@@ -169,7 +228,7 @@ def parse_settings(
         if raw is None:
             continue
         try:
-            if isinstance(action, argparse._StoreTrueAction):
+            if isinstance(action, argparse._StoreTrueAction) or action.type is _bool_value:
                 values[dest] = _bool_env(name, raw)
             elif isinstance(action, argparse._AppendAction):
                 values[dest] = [raw]
@@ -191,6 +250,8 @@ def parse_settings(
             "the argument '--default-prompt <DEFAULT_PROMPT>' cannot be used with "
             "'--default-prompt-name <DEFAULT_PROMPT_NAME>'"
         )
+    if values.get("model_id") is None:
+        parser.error("the following required arguments were not provided:\n  --model-id <MODEL_ID>")
     hostname = values.get("hostname")
     if isinstance(hostname, str):
         try:

@@ -1,9 +1,10 @@
 """The ``tei.v1`` services (Info, Embed, Predict, Rerank, Tokenize), health and reflection.
 
-Semantics are TEI 1.8.3's gRPC router (``router/src/grpc/server.rs``):
+Semantics are TEI 1.9.3's gRPC router (``router/src/grpc/server.rs``):
 
-* proto3 defaults: ``normalize``, ``truncate``, ``add_special_tokens`` and
-  ``skip_special_tokens`` are false unless sent;
+* ``normalize`` has presence (``optional``): unset means true, as in TEI 1.9;
+  an explicit false is honoured. The other proto3 bools, ``truncate``,
+  ``add_special_tokens`` and ``skip_special_tokens``, are false unless sent;
 * unary Embed/EmbedSparse/EmbedAll/Predict/PredictPair take a concurrency
   permit without waiting (RESOURCE_EXHAUSTED ``Model is overloaded``); streams
   and Rerank wait for one; Tokenize/Decode need none;
@@ -46,7 +47,7 @@ from teisup.rpc import (
 from . import validation
 from .batcher import Batcher, BatchError, Job
 from .calls import CallShapes
-from .cli import TEI_VERSION, Settings
+from .cli import INFO_VERSION, Settings
 from .engine import Encoded, Engine, ModelKind
 from .metrics import Metrics
 from .validation import ErrorKind, TeiError
@@ -297,7 +298,7 @@ class TeiServices:
         """``tei.v1.Info/Info``."""
         s = self.settings
         fields: dict[str, Any] = {
-            "version": TEI_VERSION,
+            "version": INFO_VERSION,
             "model_id": s.model_id,
             "model_dtype": self.engine.dtype,
             "model_type": int(self.engine.kind),
@@ -318,9 +319,10 @@ class TeiServices:
     async def embed(self, request: tei_pb2.EmbedRequest, unary: bool) -> tei_pb2.EmbedResponse:
         """``tei.v1.Embed/Embed`` (and one message of EmbedStream): one pooled embedding."""
         engine = self.engine
+        normalize = request.normalize if request.HasField("normalize") else True
 
         async def work(started: int) -> tei_pb2.EmbedResponse:
-            validation.check_embed(engine.kind, engine.splade, request.normalize)
+            validation.check_embed(engine.kind, engine.splade, normalize)
             if request.HasField("dimensions"):
                 validation.check_dimensions(request.dimensions, engine.dimensions)
             timing = _Timing()
@@ -333,7 +335,7 @@ class TeiServices:
             vector = job.outputs.pooled[job.row]
             if request.HasField("dimensions"):
                 vector = vector[: request.dimensions]
-            if request.normalize:
+            if normalize:
                 norm = float(np.linalg.norm(vector))
                 vector = vector / max(norm, 1e-12)
             metadata = self._finish("embed", started, timing, unary)

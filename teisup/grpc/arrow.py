@@ -20,6 +20,19 @@ exactly tei-manager's schemas:
 * sparse: ``sparse_embeddings: List<item: Struct<index: uint32 not null,
   value: float32 not null> not null> not null`` (32-bit offsets).
 
+Options: an Arrow batch carries no per-row options; ``EmbedArrowRequest``'s
+``truncate`` and ``normalize`` apply to every row, each row going to the
+instance as one ``tei.v1.EmbedRequest`` (over one ``EmbedStream``) with them
+set. ``normalize`` is a plain proto3 bool in tei-manager 0.12's proto, so it
+has no unset state: it is sent to the instance *explicitly*, with presence,
+whatever its value, which is TEI's own semantics for a request that states
+its choice (true normalizes, false returns the raw pooled vector). Sending
+false as "unset" instead would let a TEI 1.9 instance (or the embedded
+backend) apply its default, true, and a client asking for raw vectors would
+silently get normalized ones. A client that leaves the field out gets raw
+vectors, as it would from tei-manager 0.12. ``EmbedSparseArrow`` has no
+``normalize`` (sparse vectors are never normalized).
+
 ``noop`` answers come from `noop_dense` (``rows x 384`` zeros) and
 `noop_sparse` (``(i, 1.0), (i+100, 0.5), (i+200, 0.25)`` for row i), as the
 Rust peer's, so benchmarks of the multiplexer alone compare like for like.

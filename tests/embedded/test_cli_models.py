@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from teisup.embedded.cli import Settings, parse_settings
+import teisup
+from teisup.embedded.cli import Settings, available_cpus, parse_settings
 from teisup.embedded.metrics import Metrics, serve_metrics
 from teisup.embedded.models import ModelNotFound, resolve_model
 
 
 def test_defaults_are_teis() -> None:
-    settings = parse_settings([], env={})
-    assert settings == Settings()
+    settings = parse_settings(["--model-id", "m"], env={})
+    assert settings == Settings(model_id="m")
+    assert parse_settings([], env={"MODEL_ID": "m"}) == settings
+    assert settings.auto_truncate is True  # TEI 1.9's default
+    assert (settings.served_model_name, settings.model_name) == (None, "m")
     assert (settings.port, settings.prometheus_port, settings.max_batch_tokens) == (
         3000,
         9000,
@@ -25,14 +29,60 @@ def test_defaults_are_teis() -> None:
 
 def test_flags_and_environment() -> None:
     env = {"PORT": "8081", "MAX_BATCH_TOKENS": "512", "JSON_OUTPUT": "true", "API_KEY": "k"}
-    settings = parse_settings(["--port", "8082", "--auto-truncate", "--pooling", "splade"], env=env)
+    argv = ["--model-id", "m", "--port", "8082", "--auto-truncate", "--pooling", "splade"]
+    settings = parse_settings(argv, env=env)
     assert settings.port == 8082  # the command line wins
     assert settings.max_batch_tokens == 512
     assert settings.json_output is True
     assert settings.auto_truncate is True
     assert (settings.api_key, settings.pooling) == ("k", "splade")
     # Docker's HOSTNAME (a container id) is not an IP: TEI falls back to 0.0.0.0.
-    assert parse_settings([], env={"HOSTNAME": "76f54a599a7b"}).hostname == "0.0.0.0"
+    docker = parse_settings(["--model-id", "m"], env={"HOSTNAME": "76f54a599a7b"})
+    assert docker.hostname == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, True),
+        (["--auto-truncate"], {}, True),
+        (["--auto-truncate", "true"], {}, True),
+        (["--auto-truncate", "false"], {}, False),
+        (["--auto-truncate=false"], {}, False),
+        (["--auto-truncate", "--port", "1"], {}, True),
+        ([], {"AUTO_TRUNCATE": "false"}, False),
+        (["--auto-truncate", "true"], {"AUTO_TRUNCATE": "false"}, True),
+    ],
+)
+def test_auto_truncate_takes_an_optional_value(
+    argv: list[str], env: dict[str, str], expected: bool
+) -> None:
+    assert parse_settings(["--model-id", "m", *argv], env=env).auto_truncate is expected
+
+
+def test_served_model_name() -> None:
+    settings = parse_settings(["--model-id", "org/m", "--served-model-name", "prod"], env={})
+    assert (settings.served_model_name, settings.model_name) == ("prod", "prod")
+    from_env = parse_settings(["--model-id", "org/m"], env={"SERVED_MODEL_NAME": "alias"})
+    assert from_env.model_name == "alias"
+
+
+def test_tokenization_workers_default_to_the_cpus_this_process_may_use(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    allowed = len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path)) == allowed  # no cgroup file: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == allowed
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus 1.5
+    assert available_cpus(str(tmp_path)) == min(allowed, 2)
+    (tmp_path / "cpu.max").write_text("1000 100000\n")
+    assert available_cpus(str(tmp_path)) == 1
+    assert parse_settings(["--model-id", "m"], env={}).workers == available_cpus()
+    flagged = parse_settings(["--model-id", "m", "--tokenization-workers", "3"], env={})
+    assert flagged.workers == 3
 
 
 @pytest.mark.parametrize(
@@ -43,19 +93,21 @@ def test_flags_and_environment() -> None:
         (["--port", "70000"], {}),
         (["--max-batch-tokens", "-1"], {}),
         (["--pooling", "max"], {}),
-        (["--auto-truncate", "true"], {}),
+        (["--auto-truncate", "yes"], {}),
+        ([], {"AUTO_TRUNCATE": "1"}),
         (["--default-prompt", "a", "--default-prompt-name", "b"], {}),
         (["--max-batch"], {}),  # no prefix guessing
         ([], {"JSON_OUTPUT": "1"}),  # clap: exactly true or false
         ([], {"PORT": "eighty"}),
         ([], {"DEFAULT_PROMPT": "a", "DEFAULT_PROMPT_NAME": "b"}),
+        (None, {}),  # no --model-id: required since TEI 1.9.0
     ],
 )
 def test_usage_errors_exit_2(
-    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    argv: list[str] | None, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
-        parse_settings(argv, env=env)
+        parse_settings([] if argv is None else ["--model-id", "m", *argv], env=env)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage: text-embeddings-router" in err
@@ -66,7 +118,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         parse_settings(["--version"], env={})
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.strip() == "text-embeddings-router 1.8.3"
+    out = capsys.readouterr().out.strip()
+    assert out == f"text-embeddings-router 1.9.3+teisup.{teisup.__version__}"
 
 
 def test_models_resolve_offline(tmp_path: Path) -> None:

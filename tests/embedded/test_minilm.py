@@ -50,12 +50,12 @@ def cosine(a: Any, b: Any) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", [None, False, True])
 def test_embed_matches_sentence_transformers(
     channel: grpc.Channel,
     grpc_stubs: tuple[ModuleType, ModuleType],
     reference: Any,
-    normalize: bool,
+    normalize: bool | None,
 ) -> None:
     pb2, pb2_grpc = grpc_stubs
     stub = pb2_grpc.EmbedStub(channel)
@@ -67,8 +67,8 @@ def test_embed_matches_sentence_transformers(
         got = np.asarray(response.embeddings)
         assert got.shape == (384,)
         assert cosine(got, want) > 0.9999
-        # normalize=false (the proto3 default) is TEI's raw pooled vector.
-        assert bool(abs(np.linalg.norm(got) - 1) < 1e-4) == normalize
+        # TEI 1.9: unset normalizes; an explicit false is the raw pooled vector.
+        assert bool(abs(np.linalg.norm(got) - 1) < 1e-4) == (normalize is not False)
         headers = dict(call.initial_metadata())
         assert headers["x-compute-type"] == "gpu+optimized"
         assert int(headers["x-compute-tokens"]) == response.metadata.compute_tokens > 2
@@ -93,7 +93,7 @@ def test_dimensions_truncate_then_normalize(
 ) -> None:
     pb2, pb2_grpc = grpc_stubs
     stub = pb2_grpc.EmbedStub(channel)
-    full = np.asarray(stub.Embed(pb2.EmbedRequest(inputs="matryoshka")).embeddings)
+    full = np.asarray(stub.Embed(pb2.EmbedRequest(inputs="matryoshka", normalize=False)).embeddings)
     short = stub.Embed(pb2.EmbedRequest(inputs="matryoshka", dimensions=64, normalize=True))
     assert len(short.embeddings) == 64
     assert np.allclose(short.embeddings, full[:64] / np.linalg.norm(full[:64]), atol=1e-5)
@@ -185,7 +185,8 @@ def test_tokenize_decode_round_trip(
 def test_info(channel: grpc.Channel, grpc_stubs: tuple[ModuleType, ModuleType]) -> None:
     pb2, pb2_grpc = grpc_stubs
     info = pb2_grpc.InfoStub(channel).Info(pb2.InfoRequest())
-    assert info.version == "1.8.3"
+    # TEI's version first (clients compare it), teisup's as build metadata.
+    assert info.version.startswith("1.9.3+teisup.")
     assert info.model_id == "sentence-transformers/all-MiniLM-L6-v2"
     assert info.model_type == pb2.MODEL_TYPE_EMBEDDING
     assert info.max_input_length == 256

@@ -46,7 +46,10 @@ def test_malformed_flags_exit_2() -> None:
     done = run("--model-id", "x", "--port", "not-a-port")
     assert done.returncode == 2
     assert "usage: text-embeddings-router" in done.stderr
-    assert run("--auto-truncate", "true").returncode == 2
+    assert run("--model-id", "x", "--auto-truncate", "maybe").returncode == 2
+    no_model = run()
+    assert no_model.returncode == 2  # --model-id is required since TEI 1.9.0
+    assert "--model-id" in no_model.stderr
     assert run(env={"JSON_OUTPUT": "yes", "MODEL_ID": "x"}).returncode == 2
 
 
