@@ -6,6 +6,7 @@ import io
 import json
 import ssl
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,37 @@ async def test_a_closed_port_counts_every_call_that_failed_not_connections() -> 
     assert (row["code"], row["calls"], row["texts"]) == ("UNAVAILABLE", 20, 20)
     assert "Connection refused" in row["message"]
     assert set(report["latency_ms"].values()) == {None}
+
+
+async def test_a_silent_server_fails_each_call_at_its_deadline() -> None:
+    """A peer that accepts and never speaks: plaintext calls time out waiting for
+    an answer, TLS ones while connecting (the handshake never ends)."""
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        with trio.fail_after(30):
+            plain = await run_bench(
+                "127.0.0.1", port, instance="x", mode="standard", num_texts=4, batch_size=1,
+                concurrency=2, timeout=0.5,
+            )  # fmt: skip
+            tls = await run_bench(
+                "127.0.0.1", port, instance="x", mode="standard", num_texts=2, batch_size=1,
+                concurrency=1, timeout=0.5, ssl_context=ssl.create_default_context(),
+            )  # fmt: skip
+        nursery.cancel_scope.cancel()
+    assert plain["errors"] == [
+        {"code": "DEADLINE_EXCEEDED", "message": "no answer within 0.5 s", "calls": 4, "texts": 4}
+    ]
+    assert tls["errors"] == [
+        {"code": "DEADLINE_EXCEEDED", "message": f"no connection to 127.0.0.1:{port} within 0.5 s",
+         "calls": 2, "texts": 2}
+    ]  # fmt: skip
 
 
 async def test_errors_are_grouped_by_status_code_and_message_against_a_real_teisup(
