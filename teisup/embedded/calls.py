@@ -8,6 +8,10 @@
   request order; the first error ends the stream;
 * `collected`: a client stream read to its end, then one answer.
 
+Each stream call has a `PermitShare` (`current_share` in its tasks): the
+concurrency permits its inputs hold, so an input may wait for the call's own
+permits to come back but never queues behind another call's.
+
 An implementation raises `TeiError` for a refused or failed request; the
 shape counts it in ``te_request_failure`` under its kind's label (`failed`,
 the only place that does) and answers with the kind's status.
@@ -15,6 +19,7 @@ the only place that does) and answers with the kind's status.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +32,29 @@ from .batcher import Batcher, OpenStream
 from .metrics import Metrics
 from .validation import TeiError
 
-__all__ = ["CallShapes"]
+__all__ = ["CallShapes", "PermitShare", "current_share"]
 
 One = Callable[[Any, bool], Awaitable[Any]]
 """An RPC implementation: ``(request, unary) -> response``."""
+
+
+class PermitShare:
+    """The concurrency permits one call's inputs hold right now."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
+_SHARE: contextvars.ContextVar[PermitShare | None] = contextvars.ContextVar(
+    "teisup_embedded_permit_share", default=None
+)
+
+
+def current_share() -> PermitShare | None:
+    """The running stream call's `PermitShare` (None outside a stream)."""
+    return _SHARE.get()
 
 
 @dataclass(slots=True)
@@ -89,6 +113,14 @@ class CallShapes:
         """A bidi handler: every request computed concurrently, answered in order."""
 
         async def handle(call: ServerCall) -> None:
+            # The tasks started below copy this context: they share the call's permits.
+            token = _SHARE.set(PermitShare())
+            try:
+                await stream(call)
+            finally:
+                _SHARE.reset(token)
+
+        async def stream(call: ServerCall) -> None:
             pending_send, pending_receive = trio.open_memory_channel[_Ready](
                 self.max_parallel_stream
             )

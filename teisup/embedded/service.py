@@ -5,9 +5,14 @@ Semantics are TEI 1.9.3's gRPC router (``router/src/grpc/server.rs``):
 * ``normalize`` has presence (``optional``): unset means true, as in TEI 1.9;
   an explicit false is honoured. The other proto3 bools, ``truncate``,
   ``add_special_tokens`` and ``skip_special_tokens``, are false unless sent;
-* unary Embed/EmbedSparse/EmbedAll/Predict/PredictPair take a concurrency
-  permit without waiting (RESOURCE_EXHAUSTED ``Model is overloaded``); streams
-  and Rerank wait for one; Tokenize/Decode need none;
+* over capacity, a call is refused at once, never queued (TEI 1.9's fail
+  fast, #726): every input takes one of the ``--max-concurrent-requests``
+  permits without waiting, or the call fails with RESOURCE_EXHAUSTED ``Model
+  is overloaded``. The one wait left is a call's wait on *itself*: a stream
+  (or a Rerank of many texts) that already holds permits may wait for its own
+  to come back, so a stream longer than the permits is throttled, not failed,
+  while a call that would queue behind other calls' permits is refused.
+  Tokenize/Decode need no permit;
 * streams answer in request order, at most ``GRPC_MAX_PARALLEL_STREAM_REQUESTS``
   (default 1024) in flight per stream, and the first error ends the stream;
 * TEI's error kinds map to its status codes: Empty and Validation to
@@ -46,7 +51,7 @@ from teisup.rpc import (
 
 from . import validation
 from .batcher import Batcher, BatchError, Job
-from .calls import CallShapes
+from .calls import CallShapes, PermitShare, current_share
 from .cli import INFO_VERSION, Settings
 from .engine import Encoded, Engine, ModelKind
 from .metrics import Metrics
@@ -177,6 +182,18 @@ class TeiServices:
         except trio.WouldBlock:
             raise TeiError(ErrorKind.OVERLOADED, "Model is overloaded") from None
 
+    async def _take_permit(self, share: PermitShare) -> None:
+        """A permit for one input of a many-input call; waits only on the call's own."""
+        try:
+            self.batcher.permits.acquire_nowait()  # no checkpoint when one is free
+        except trio.WouldBlock:
+            if share.held == 0:
+                # Every permit is another call's: over capacity, refused at once.
+                raise TeiError(ErrorKind.OVERLOADED, "Model is overloaded") from None
+            # This call holds some: they come back as its own inputs finish.
+            await self.batcher.permits.acquire()
+        share.held += 1
+
     def _with_prompt(self, text: str, request: Any) -> str:
         name = request.prompt_name if request.HasField("prompt_name") else None
         return validation.prompt_prefix(self._prompts, name, self._default_prompt) + text
@@ -232,18 +249,22 @@ class TeiServices:
         self.metrics.inc("te_request_success", method="single")
         return response
 
-    async def _permitted(self, unary: bool, work: Callable[[], Awaitable[Any]]) -> Any:
-        if unary:
+    async def _permitted(
+        self, unary: bool, work: Callable[[], Awaitable[Any]], share: PermitShare | None = None
+    ) -> Any:
+        """``work()`` under a permit: a unary call's taken now, a stream input's as its call's."""
+        if share is None:
+            share = current_share() if not unary else None
+        if share is None:
             self._take_permit_now()
         else:
-            try:
-                self.batcher.permits.acquire_nowait()  # no checkpoint when one is free
-            except trio.WouldBlock:
-                await self.batcher.permits.acquire()
+            await self._take_permit(share)
         try:
             return await work()
         finally:
             self.batcher.permits.release()
+            if share is not None:
+                share.held -= 1
 
     def _finish(
         self, kind: str, started: int, timing: _Timing, unary: bool, *, pairs: int = 1
@@ -465,14 +486,15 @@ class TeiServices:
                 assert job.outputs.scores is not None
                 scores[index] = self._scores(job.outputs.scores[job.row][:1], raw_scores)[0]
 
-            # Each pair waits for its permit, as TEI's rerank does.
+            # One permit per pair; past the free ones, refused (or waiting on this call's own).
             try:
-                await self._permitted(False, work)
+                await self._permitted(False, work, share)
             except TeiError as exc:
                 failures.append(exc)
                 nursery.cancel_scope.cancel()  # one bad pair fails the call
 
         failures: list[TeiError] = []
+        share = PermitShare()
         async with trio.open_nursery() as nursery:
             for index, (query, text) in enumerate(pairs):
                 nursery.start_soon(one, index, query, text)

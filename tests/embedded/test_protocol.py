@@ -19,7 +19,14 @@ from teisup.embedded.app import Serving, TeiLog, serve
 from teisup.embedded.cli import parse_settings
 from teisup.embedded.engine import Engine, load_engine
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
-from teisup.rpc import Channel, RpcStatusError, ServingStatus, call_once, check_health
+from teisup.rpc import (
+    Channel,
+    RpcStatusError,
+    ServingStatus,
+    StatusCode,
+    call_once,
+    check_health,
+)
 
 pytestmark = pytest.mark.slow  # imports torch and builds models (a few seconds)
 
@@ -226,12 +233,33 @@ async def test_overload_auth_and_embed_all(tiny_models: dict[str, Path]) -> None
         )
         assert (info.max_concurrent_requests, info.max_input_length) == (1, 64)
 
-        # The one permit taken: a unary embed is refused at once, not queued.
+        async def stream(ch: Channel, count: int) -> list[Any]:
+            calls = await tei_grpc.EmbedStub(ch).EmbedStream(metadata=auth)
+            for i in range(count):
+                await calls.send_message(tei_pb2.EmbedRequest(inputs=f"text {i}"))
+            await calls.close()
+            answers = []
+            while (answer := await calls.receive_message()) is not None:
+                answers.append(answer)
+            status = calls.end_stream_event.status
+            if status.status_code.name != "OK":
+                raise RpcStatusError(StatusCode[status.status_code.name], status.status_message)
+            return answers
+
+        # The one permit taken by another call: a unary embed and a stream are
+        # both refused at once (TEI 1.9), not queued.
         server.permits.acquire_nowait()
         try:
             err = await status_of(
                 server.call(lambda ch: tei_grpc.EmbedStub(ch).Embed(request, metadata=auth))
             )
             assert (err.code_name, err.details) == ("RESOURCE_EXHAUSTED", "Model is overloaded")
+            with trio.fail_after(10):  # at once: nothing waits for the permit
+                err = await status_of(server.call(lambda ch: stream(ch, 3)))
+            assert (err.code_name, err.details) == ("RESOURCE_EXHAUSTED", "Model is overloaded")
         finally:
             server.permits.release()
+        # A stream longer than the permits waits for its own: throttled, not refused.
+        answers = await server.call(lambda ch: stream(ch, 6))
+        assert [len(a.embeddings) for a in answers] == [32] * 6
+        assert server.permits.value == 1

@@ -229,7 +229,9 @@ def grpcio_calls(
             )
         )
         table = arrow_texts(texts)
-        batch = stub.EmbedArrow(stubs.pb2.EmbedArrowRequest(target=t, arrow_ipc=table), timeout=60)
+        # EmbedArrow's normalize is a plain bool (no unset): true to match the unset ones.
+        arrow = stubs.pb2.EmbedArrowRequest(target=t, arrow_ipc=table, normalize=True)
+        batch = stub.EmbedArrow(arrow, timeout=60)
         return one, many, batch.arrow_ipc
 
 
