@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="TOML config file")
     parser.add_argument("--api-port", type=int, help="REST API port (default 9000)")
     parser.add_argument("--grpc-port", type=int, help="gRPC multiplexer port (default 9001)")
+    parser.add_argument(
+        "--grpc-workers",
+        type=int,
+        help="processes serving the gRPC multiplexer (default: the CPU count, at most 8)",
+    )
     parser.add_argument("--state-file", help="state snapshot file (.toml or .json)")
     parser.add_argument(
         "--log-level",
@@ -109,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in (
             ("api_port", args.api_port),
             ("grpc_port", args.grpc_port),
+            ("grpc_workers", args.grpc_workers),
             ("state_file", args.state_file),
         )
         if value is not None

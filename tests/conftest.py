@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -10,6 +11,11 @@ from types import ModuleType, SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every teisup the suite starts serves gRPC in-process unless a test asks for
+# worker processes (tests/service/test_grpc_workers.py does): one process
+# less per manager, on a loaded machine.
+os.environ.setdefault("TEISUP_GRPC_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,27 @@
 * `arrow` (pure): EmbedArrow / EmbedSparseArrow input and output;
 * `service`: `MultiplexerService`, the data plane the gRPC and HTTP front
   ends share (routing, pool, deadlines, failover, observation);
-* `handlers`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer`` over it.
+* `handlers`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer`` over it;
+* `feed` (pure): the routing view and the messages between the manager and
+  the multiplexer's worker processes (``grpc_workers``).
 """
 
+from .feed import (
+    VIEW_VERSION,
+    FeedError,
+    FrameDecoder,
+    Reload,
+    RequestBatch,
+    RoutingView,
+    ViewInstance,
+    ViewSource,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSetup,
+    encode_message,
+    routing_view,
+    worker_share,
+)
 from .handlers import SERVICE_NAME
 from .observe import RequestRecord
 from .pool import BackendPool
@@ -22,14 +40,28 @@ from .service import InstanceRecord, InstanceSource, MultiplexerService
 __all__ = [
     "DEFAULT_PORT",
     "SERVICE_NAME",
+    "VIEW_VERSION",
     "BackendPool",
+    "FeedError",
+    "FrameDecoder",
     "InstanceRecord",
     "InstanceSource",
     "Multiplexer",
     "MultiplexerService",
+    "Reload",
     "Replica",
+    "RequestBatch",
     "RequestRecord",
     "RoutingError",
+    "RoutingView",
+    "ViewInstance",
+    "ViewSource",
+    "WorkerFailed",
+    "WorkerReady",
+    "WorkerSetup",
+    "encode_message",
     "resolve",
+    "routing_view",
     "serve_multiplexer",
+    "worker_share",
 ]

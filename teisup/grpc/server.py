@@ -1,7 +1,8 @@
 """The multiplexer as a server: `Multiplexer` (serve it, or run it as a supervised child).
 
-It serves, on one host and port (`teisup.rpc.Server`: no SO_REUSEPORT, a taken
-port fails at start, sockets closed on stop):
+It serves, on one host and port (`teisup.rpc.Server`: no SO_REUSEPORT unless
+asked, for the worker processes that share the port; a taken port fails at
+start, sockets closed on stop):
 
 * ``tei_multiplexer.v1.TeiMultiplexer`` (`MultiplexerService`);
 * ``grpc.health.v1.Health``: ``""`` and the multiplexer's service name are
@@ -81,7 +82,9 @@ class Multiplexer:
     backends (RESOURCE_EXHAUSTED past it). With ``data_plane``, the
     multiplexer serves that `MultiplexerService` (and its pool, which its
     owner runs) instead of making its own. ``ssl_context`` serves TLS;
-    ``authorize`` may refuse a call (see `teisup.rpc.Server`).
+    ``authorize`` may refuse a call (see `teisup.rpc.Server`); ``reuse_port``
+    shares the port with other processes (``grpc_workers``: each worker
+    process serves one `Multiplexer` over a `teisup.grpc.ViewSource`).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Multiplexer:
         data_plane: MultiplexerService | None = None,
         ssl_context: ssl.SSLContext | None = None,
         authorize: Authorizer | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.instances = instances
         if data_plane is None:
@@ -131,6 +135,7 @@ class Multiplexer:
             ssl_context=ssl_context,
             max_message_length=max_message_length,
             authorize=authorize,
+            reuse_port=reuse_port,
         )
         self.server.add_service(self.service.service)
         self.server.add_service(self.health)

@@ -9,6 +9,7 @@ from .exits import ExitCause, InstanceExit
 from .gpus import FakeNvml, GpuInfo, InvalidGpuId, NvmlReader, PynvmlReader, validate_gpu_id
 from .health import HealthPolicy, HealthSettings, Verdict
 from .identity import PortOwner
+from .launch import INSTANCE_MARKER, MANAGER_MARKER
 from .logs import InstanceLog, LogLine
 from .manager import (
     Desired,
@@ -23,7 +24,13 @@ from .manager import (
 )
 from .ports import PortAllocator, PortError, PortRange, PortRangeExhausted, Ports, PortUnavailable
 from .probe import grpc_health_probe
-from .process import ProcessSpawner, set_child_subreaper, sweep_leftovers
+from .process import (
+    ProcessSpawner,
+    kill_group,
+    set_child_subreaper,
+    sweep_leftovers,
+    wait_for_exit,
+)
 from .runner import InstanceRunner, Probe, RunStatus
 from .spec import (
     MAX_SECONDS,
@@ -35,6 +42,8 @@ from .spec import (
 )
 
 __all__ = [
+    "INSTANCE_MARKER",
+    "MANAGER_MARKER",
     "MAX_SECONDS",
     "NAME_PATTERN",
     "Desired",
@@ -73,8 +82,10 @@ __all__ = [
     "resolve_launcher",
     "check_bounds",
     "grpc_health_probe",
+    "kill_group",
     "set_child_subreaper",
     "spec_from_dict",
     "sweep_leftovers",
     "validate_gpu_id",
+    "wait_for_exit",
 ]

@@ -95,6 +95,7 @@ class _SpawnRequest:
     argv: Sequence[str]
     env: Mapping[str, str]
     cwd: str | None
+    stdin: bool
     done: trio.Event
     token: trio.lowlevel.TrioToken
     process: subprocess.Popen[bytes] | None = None
@@ -176,7 +177,7 @@ class ProcessSpawner:
                         argv,
                         env=dict(request.env),
                         cwd=request.cwd,
-                        stdin=subprocess.DEVNULL,
+                        stdin=subprocess.PIPE if request.stdin else subprocess.DEVNULL,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
                         start_new_session=True,
@@ -193,16 +194,26 @@ class ProcessSpawner:
                     request.process.wait()
 
     async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None = None,
+        *,
+        stdin: bool = False,
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in a new session with pipes on stdout and stderr.
+
+        ``stdin`` gives it a pipe on stdin too (a helper process the manager
+        talks to: the multiplexer's workers); otherwise stdin is /dev/null.
 
         Raises what `subprocess.Popen` raises (FileNotFoundError for a missing
         binary, PermissionError, ...).
         """
         if self._thread is None:
             raise RuntimeError("ProcessSpawner is not open")
-        request = _SpawnRequest(argv, env, cwd, trio.Event(), trio.lowlevel.current_trio_token())
+        request = _SpawnRequest(
+            argv, env, cwd, stdin, trio.Event(), trio.lowlevel.current_trio_token()
+        )
         self._requests.put(request)
         # Not cancellable: a process forked for a caller that went away would
         # have no owner. Forking takes milliseconds.

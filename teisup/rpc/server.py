@@ -248,7 +248,9 @@ class Server:
     context yourself if grpcio clients must connect. The context is read at
     each handshake, so loading a new certificate into it (or assigning
     `ssl_context`) applies to new connections and leaves open ones alone.
-    ``authorize`` (an `Authorizer`) sees every call first.
+    ``authorize`` (an `Authorizer`) sees every call first. ``reuse_port``
+    sets SO_REUSEPORT, for several processes serving one port (the kernel
+    spreads the connections over them); without it a taken port fails.
     """
 
     def __init__(
@@ -260,6 +262,7 @@ class Server:
         handshake_timeout: float = 10.0,
         max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH,
         authorize: Authorizer | None = None,
+        reuse_port: bool = False,
     ) -> None:
         if not 0 < max_message_length <= MAX_MESSAGE_LENGTH_LIMIT:
             raise ValueError(
@@ -271,6 +274,7 @@ class Server:
         self.ssl_context = ssl_context
         self.max_message_length = max_message_length
         self._authorize = authorize
+        self._reuse_port = reuse_port
         self._handshake_timeout = handshake_timeout
         self._services: dict[str, Service] = {}
         self._connections = 0
@@ -333,9 +337,10 @@ class Server:
         """
         # anyio sets SO_REUSEADDR (rebinding over TIME_WAIT is fine) but, with
         # reuse_port=False, not SO_REUSEPORT, which would let a second server
-        # share a live port.
+        # share a live port. Only servers built to share one (the multiplexer's
+        # worker processes, with ``reuse_port=True``) set it.
         listener = await anyio.create_tcp_listener(
-            local_host=self.host, local_port=self._port, reuse_port=False
+            local_host=self.host, local_port=self._port, reuse_port=self._reuse_port
         )
         async with listener:  # closes the listening socket(s) however we leave
             self._port = listener.extra(anyio.abc.SocketAttribute.local_port)

@@ -57,6 +57,19 @@ def default_state_file() -> str:
     return os.path.join(base, "teisup", "state.toml")
 
 
+MAX_GRPC_WORKERS = 8
+GrpcWorkers = Annotated[int, msgspec.Meta(ge=1, le=MAX_GRPC_WORKERS)]
+
+
+def default_grpc_workers() -> int:
+    """The host's CPU count (the ones this process may use), at most `MAX_GRPC_WORKERS`."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, MAX_GRPC_WORKERS))
+
+
 class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """Every setting of the manager, with tei-manager's key names."""
 
@@ -76,6 +89,9 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: How long a call waits for a free slot of a saturated instance
     #: (its max_concurrent_requests) before RESOURCE_EXHAUSTED.
     grpc_queue_timeout_secs: Annotated[float, msgspec.Meta(ge=0, le=MAX_PROBE_SECONDS)] = 1.0
+    #: Processes serving the multiplexer on ``grpc_port`` (SO_REUSEPORT), each a
+    #: child of the root supervisor; 1 serves it inside the manager.
+    grpc_workers: GrpcWorkers = msgspec.field(default_factory=default_grpc_workers)
     #: The address the REST API and the multiplexer listen on.
     bind_host: str = "0.0.0.0"
     state_file: str = msgspec.field(default_factory=default_state_file)
@@ -193,6 +209,7 @@ ENVIRONMENT = {
     "TEI_MANAGER_HEALTH_CHECK_INTERVAL": "health_check_interval_secs",
     "TEI_MANAGER_LOG_DIR": "log_dir",
     "TEISUP_BIND_HOST": "bind_host",
+    "TEISUP_GRPC_WORKERS": "grpc_workers",
     "TEISUP_MAX_INSTANCES": "max_instances",
     "TEISUP_MANAGER_ID": "manager_id",
     "TEISUP_API_TOKEN": "api_token",
@@ -250,6 +267,7 @@ class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_port: Port | None = None
     grpc_port: Port | None = None
     grpc_enabled: bool | None = None
+    grpc_workers: GrpcWorkers | None = None
     state_file: str | None = None
     tei_binary_path: str | None = None
     health_check_interval_secs: ProbeSeconds | None = None

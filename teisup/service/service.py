@@ -8,7 +8,8 @@
     ├── instances      the instances supervisor (InstanceManager)
     ├── backends       the data plane's connections to the instances (BackendPool)
     ├── api            the REST control plane and the HTTP data plane on hypercorn
-    ├── grpc           the gRPC multiplexer (when grpc_enabled)
+    ├── grpc           the gRPC multiplexer (when grpc_enabled, with grpc_workers = 1)
+    ├── grpc-worker-N  one per worker process serving the multiplexer (grpc_workers > 1)
     ├── poller         GPU readings for /gpus and /metrics
     ├── reload         SIGHUP: loads the TLS files again
     ├── reaper         reaps orphans the manager adopts (subreaper, or PID 1)
@@ -52,6 +53,7 @@ from . import restore, wiring, workers
 from .config import ManagerConfig
 from .control import GrpcGate, ServiceControl
 from .metrics import Metrics
+from .muxworkers import WorkerGroup
 from .state import StateStore
 from .writer import StateWriter
 
@@ -93,6 +95,8 @@ class Service:
         )
         self.api: workers.ApiServer | None = None
         self.multiplexer: Multiplexer | None = None
+        #: The multiplexer's worker processes, when ``grpc_workers`` > 1.
+        self.grpc_workers: WorkerGroup | None = None
         self._control: ServiceControl | None = None
         self._root: Supervisor | None = None
 
@@ -182,8 +186,23 @@ class Service:
                 api_token=self.api_token, allow_list=self.allow_list, tls=self.tls is not None
             )
             self.multiplexer = wiring.multiplexer(config, manager, data_plane, self.tls, gate)
+            self.grpc_workers = wiring.grpc_workers(
+                config,
+                manager=manager,
+                spawner=spawner,
+                metrics=self.metrics,
+                environ=self.environ,
+                api_token=self.api_token,
+            )
+            if self.grpc_workers is not None:
+                group = self.grpc_workers
+                self.metrics.in_flight = lambda name: pool.in_flight(name) + group.in_flight(name)
             grpc = (
-                [ChildSpec("grpc", self.multiplexer.run, shutdown=30.0)] if self.multiplexer else []
+                [ChildSpec("grpc", self.multiplexer.run, shutdown=30.0)]
+                if self.multiplexer
+                else self.grpc_workers.specs()
+                if self.grpc_workers
+                else []
             )
             self._root = self._control.root = Supervisor(
                 "root",
@@ -201,7 +220,12 @@ class Service:
                     ChildSpec("poller", self.poller.run, shutdown=BRUTAL_KILL),
                     ChildSpec(
                         "reload",
-                        partial(workers.reload_on_sighup, self.tls, config.tls.cert),
+                        partial(
+                            workers.reload_on_sighup,
+                            self.tls,
+                            config.tls.cert,
+                            also=self.grpc_workers.reload if self.grpc_workers else None,
+                        ),
                         shutdown=BRUTAL_KILL,
                     ),
                     ChildSpec("reaper", partial(workers.reap, manager), shutdown=BRUTAL_KILL),

@@ -13,7 +13,7 @@ import ssl
 
 import hypercorn.config
 
-from ..grpc import BackendPool, Multiplexer, MultiplexerService
+from ..grpc import BackendPool, Multiplexer, MultiplexerService, WorkerSetup
 from ..instances import (
     HealthSettings,
     InstanceManager,
@@ -27,11 +27,13 @@ from ..rpc import Authorizer
 from ..security import TlsReloader
 from .config import ManagerConfig
 from .metrics import Metrics
+from .muxworkers import WorkerGroup
 
 __all__ = [
     "api_server_config",
     "backend_pool",
     "data_plane",
+    "grpc_workers",
     "instance_manager",
     "multiplexer",
     "tls_reloader",
@@ -133,8 +135,9 @@ def multiplexer(
     tls: TlsReloader | None,
     authorize: Authorizer,
 ) -> Multiplexer | None:
-    """The gRPC multiplexer on ``grpc_port``, or None when ``grpc_enabled`` is off."""
-    if not config.grpc_enabled:
+    """The in-process gRPC multiplexer on ``grpc_port``; None when ``grpc_enabled`` is
+    off or worker processes serve it (``grpc_workers`` > 1)."""
+    if not config.grpc_enabled or config.grpc_workers > 1:
         return None
     return Multiplexer(
         manager,
@@ -144,6 +147,45 @@ def multiplexer(
         data_plane=service,
         ssl_context=tls.context(alpn=["h2"]) if tls else None,
         authorize=authorize,
+    )
+
+
+def grpc_workers(
+    config: ManagerConfig,
+    *,
+    manager: InstanceManager,
+    spawner: ProcessSpawner,
+    metrics: Metrics,
+    environ: dict[str, str],
+    api_token: str | None,
+) -> WorkerGroup | None:
+    """The multiplexer's worker processes (``grpc_workers`` > 1), or None."""
+    if not config.grpc_enabled or config.grpc_workers == 1:
+        return None
+    count = config.grpc_workers
+
+    def setup(index: int) -> WorkerSetup:
+        return WorkerSetup(
+            index=index,
+            workers=count,
+            host=config.bind_host,
+            port=config.grpc_port,
+            max_message_length=_body_limit(config),
+            default_timeout=config.grpc_request_timeout_secs,
+            stream_idle_timeout=config.grpc_stream_idle_timeout_secs,
+            queue_timeout=config.grpc_queue_timeout_secs,
+            tls=config.tls if config.tls.enabled else None,
+            api_token=api_token,
+        )
+
+    return WorkerGroup(
+        count,
+        setup=setup,
+        spawner=spawner,
+        records=manager.all,
+        on_request=metrics.request_done,
+        environ=environ,
+        manager_id=config.effective_manager_id,
     )
 
 

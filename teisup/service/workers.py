@@ -76,12 +76,23 @@ async def run_pool(pool: BackendPool, ctx: ChildContext) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def reload_on_sighup(tls: TlsReloader | None, cert: str | None, ctx: ChildContext) -> None:
-    """The ``reload`` worker: on SIGHUP, load the certificate files again (new handshakes)."""
+async def reload_on_sighup(
+    tls: TlsReloader | None,
+    cert: str | None,
+    ctx: ChildContext,
+    *,
+    also: Callable[[], None] | None = None,
+) -> None:
+    """The ``reload`` worker: on SIGHUP, load the certificate files again (new handshakes).
+
+    ``also`` runs on each SIGHUP too (the multiplexer's workers reload theirs).
+    """
     # Always listening: SIGHUP's default action would end teisup abruptly.
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         ctx.started()
         async for _ in signals:
+            if also is not None:
+                also()
             if tls is None:
                 logger.info("SIGHUP: nothing to reload (no TLS configured)")
                 continue
