@@ -41,6 +41,7 @@ Rust peer's, so benchmarks of the multiplexer alone compare like for like.
 from __future__ import annotations
 
 import array
+import functools
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
@@ -199,6 +200,9 @@ class SparseBuilder:
         return _write(schema, column)
 
 
+# The answer depends on the row count alone: made once per count (a few recent
+# counts kept), so a noop call costs what the multiplexer's own path does.
+@functools.lru_cache(maxsize=32)
 def noop_dense(rows: int) -> bytes:
     """``rows`` zero vectors of `NOOP_DIM` dimensions, without a backend."""
     builder = DenseBuilder()
@@ -208,6 +212,7 @@ def noop_dense(rows: int) -> bytes:
     return builder.to_ipc()
 
 
+@functools.lru_cache(maxsize=32)
 def noop_sparse(rows: int) -> bytes:
     """Placeholder sparse rows (three entries per row), without a backend."""
     builder = SparseBuilder()
