@@ -24,6 +24,17 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("teisup")
 
 
+#: ``--log-level`` values: Python's names and tei-manager's (tracing's ``trace``, ``warn``).
+LOG_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teisup",
@@ -34,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         "command", nargs="?", default="serve", choices=["serve"], help="what to do (default: serve)"
     )
     parser.add_argument("-c", "--config", help="TOML config file")
-    parser.add_argument("--api-port", type=int, help="REST API port (default 9000)")
+    # --port is tei-manager's name for it.
+    parser.add_argument(
+        "--api-port", "--port", dest="api_port", type=int, help="REST API port (default 9000)"
+    )
     parser.add_argument("--grpc-port", type=int, help="gRPC multiplexer port (default 9001)")
     parser.add_argument(
         "--grpc-workers",
@@ -45,14 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        choices=sorted(LOG_LEVELS),
         help="log verbosity (default: info)",
     )
     parser.add_argument(
         "--log-format",
-        default="pretty",
+        default="json",
         choices=["json", "pretty"],
-        help="log line format (default: pretty)",
+        help="log line format (default: json, as tei-manager)",
     )
     return parser
 
@@ -77,7 +92,7 @@ def _setup_logging(level: str, fmt: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=LOG_LEVELS[level], handlers=[handler], force=True)
 
 
 async def serve(config: ManagerConfig, launcher: list[str] | None = None) -> None:
