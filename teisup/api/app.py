@@ -11,7 +11,7 @@ tei-manager's fields, ``"durable"`` in the body. The writer goes on retrying;
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -32,6 +32,7 @@ from ..instances import (
     InvalidGpuId,
     MaxInstancesReached,
     PortError,
+    PortRangeExhausted,
 )
 from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
 from ..supervision import ChildState, Supervisor, TransitionEvent
@@ -41,6 +42,7 @@ from .jsonbody import JsonTooDeep, decode_json
 from .openapi import MAX_WAIT, LogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
+from .views import STATUS_OF, instance_view
 from .waiting import WaitVerdict, wait_verdict
 
 __all__ = ["DURABLE_HEADER", "ApiError", "ControlPlane", "Durability", "create_app"]
@@ -101,18 +103,34 @@ class ControlPlane(Protocol):
     @property
     def data_body_limit(self) -> int: ...
 
+    @property
+    def instance_defaults(self) -> Mapping[str, object]:
+        """Instance fields the manager's config sets for a POST that omits them."""
+        ...
+
 
 class ApiError(Exception):
-    """An error with its HTTP status and machine-readable code."""
+    """An error with its HTTP status and machine-readable code.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``reason`` is teisup's finer code where tei-manager answers a general one
+    (VALIDATION_ERROR for a duplicate name): clients of tei-manager match
+    ``code``, and teisup's can tell the cases apart by ``reason``.
+    """
+
+    def __init__(self, status: int, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.reason = reason
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    return _json(Error(message, code, _now()), status)
+def _invalid(message: str) -> ApiError:
+    """A request the control plane refuses: tei-manager's 400 VALIDATION_ERROR."""
+    return ApiError(400, "VALIDATION_ERROR", message)
+
+
+def _error(status: int, code: str, message: str, reason: str | None = None) -> Response:
+    return _json(Error(message, code, _now(), reason), status)
 
 
 def _applied(info: InstanceInfo | None, durable: bool, status: int = 200) -> Response:
@@ -120,7 +138,7 @@ def _applied(info: InstanceInfo | None, durable: bool, status: int = 200) -> Res
     if info is None:
         response = Response(b"", status=204)
     else:
-        response = _json({**msgspec.to_builtins(info), "durable": durable}, status)
+        response = _json(instance_view(info, durable=durable), status)
     response.headers[DURABLE_HEADER] = "true" if durable else "false"
     return response
 
@@ -130,18 +148,23 @@ def _translate(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, InstanceNotFound):
         return ApiError(404, "INSTANCE_NOT_FOUND", str(exc))
+    # tei-manager answers every refusal of its registry (name taken, port
+    # taken, instance limit, no free port) as 400 VALIDATION_ERROR.
     if isinstance(exc, InstanceExists):
-        return ApiError(409, "INSTANCE_EXISTS", str(exc))
+        return ApiError(400, "VALIDATION_ERROR", str(exc), "INSTANCE_EXISTS")
     if isinstance(exc, MaxInstancesReached):
-        return ApiError(409, "MAX_INSTANCES_REACHED", str(exc))
+        return ApiError(400, "VALIDATION_ERROR", str(exc), "MAX_INSTANCES_REACHED")
+    if isinstance(exc, PortRangeExhausted):
+        return ApiError(400, "VALIDATION_ERROR", str(exc), "PORT_ALLOCATION_FAILED")
     if isinstance(exc, PortError):
-        return ApiError(409, "PORT_CONFLICT", str(exc))
+        return ApiError(400, "VALIDATION_ERROR", str(exc), "PORT_CONFLICT")
     if isinstance(exc, InvalidGpuId):
-        return ApiError(422, "INVALID_GPU_ID", str(exc))
+        return ApiError(400, "INVALID_GPU_ID", str(exc))
     raise exc
 
 
-async def _decode_spec() -> InstanceSpec:
+async def _decode_spec(defaults: Mapping[str, object]) -> InstanceSpec:
+    """The request's instance; ``defaults`` fill the fields it leaves out."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
     body = await request.get_data(cache=False)
@@ -155,11 +178,14 @@ async def _decode_spec() -> InstanceSpec:
     except msgspec.DecodeError as exc:
         raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ApiError(422, "VALIDATION_ERROR", "the body must be a JSON object")
+        raise _invalid("the body must be a JSON object")
+    # tei-manager's CreateInstanceRequest makes every field but these two an
+    # Option, which its typed clients send as null: null means "the default".
+    given = {k: v for k, v in data.items() if v is not None or k in ("name", "model_id")}
     try:
-        return msgspec.convert(data, InstanceSpec)
+        return msgspec.convert({**defaults, **given}, InstanceSpec)
     except msgspec.ValidationError as exc:
-        raise ApiError(422, "VALIDATION_ERROR", f"invalid instance: {exc}") from None
+        raise _invalid(f"invalid instance: {exc}") from None
 
 
 class _Deletions:
@@ -205,7 +231,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return _error(exc.status, exc.code, str(exc))
+        return _error(exc.status, exc.code, str(exc), exc.reason)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -298,12 +324,12 @@ def create_app(plane: ControlPlane) -> QuartTrio:
 
     @app.get("/instances")
     async def list_instances() -> Response:
-        return _json(manager.all())
+        return _json([instance_view(info) for info in manager.all()])
 
     @app.post("/instances")
     @lifecycle
     async def create_instance() -> Response:
-        spec = await _decode_spec()
+        spec = await _decode_spec(plane.instance_defaults)
         info = await manager.create(spec)
         plane.on_created(info)
         durable = await plane.persist()
@@ -324,19 +350,17 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         not a fault of the server (so no 5xx)."""
         wanted_text = request.args.get("wait")
         if wanted_text is None:
-            return _json(manager.get(name))
+            return _json(instance_view(manager.get(name)))
         try:
             wanted = ChildState(wanted_text)
         except ValueError:
-            raise ApiError(
-                422, "VALIDATION_ERROR", f"wait: unknown state {wanted_text!r}"
-            ) from None
+            raise _invalid(f"wait: unknown state {wanted_text!r}") from None
         try:
             timeout = float(request.args.get("timeout", "30"))
         except ValueError:
-            raise ApiError(422, "VALIDATION_ERROR", "timeout must be a number") from None
+            raise _invalid("timeout must be a number") from None
         if not 0 <= timeout <= MAX_WAIT:
-            raise ApiError(422, "VALIDATION_ERROR", f"timeout must be 0-{MAX_WAIT:g} seconds")
+            raise _invalid(f"timeout must be 0-{MAX_WAIT:g} seconds")
         with plane.root.events.subscribe() as events, trio.move_on_after(timeout):
             while True:
                 deleted = deletions.event
@@ -360,7 +384,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
                 "WAIT_TIMEOUT",
                 f"instance {name!r} is {info.status.value}, not {wanted.value}, after {timeout:g}s",
             )
-        return _json(info)
+        return _json(instance_view(info))
 
     @app.delete("/instances/<name>")
     @lifecycle
@@ -422,7 +446,8 @@ def create_app(plane: ControlPlane) -> QuartTrio:
         return _json(
             {
                 "name": name,
-                "status": info.status,
+                "status": STATUS_OF[info.status],
+                "state": info.status,
                 "health_check_failures": info.health_check_failures,
                 "last_health_check": info.last_health_check,
                 "last_error": info.last_error,

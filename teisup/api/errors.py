@@ -11,15 +11,19 @@ import msgspec
 __all__ = ["Error", "OpenAIError", "OpenAIErrorDetail", "TeiError"]
 
 
-class Error(msgspec.Struct):
-    """Every control-plane error (tei-manager's shape)."""
+class Error(msgspec.Struct, omit_defaults=True):
+    """Every control-plane error (tei-manager's shape, and teisup's ``reason``)."""
 
     #: What went wrong, for a person.
     error: str
-    #: Machine-readable: INSTANCE_NOT_FOUND, VALIDATION_ERROR, ...
+    #: Machine-readable, tei-manager's: INSTANCE_NOT_FOUND, VALIDATION_ERROR, ...
     code: str
     #: RFC 3339, UTC.
     timestamp: str
+    #: teisup's finer code where tei-manager's is general (a VALIDATION_ERROR
+    #: that is INSTANCE_EXISTS, PORT_CONFLICT, MAX_INSTANCES_REACHED or
+    #: PORT_ALLOCATION_FAILED); absent otherwise.
+    reason: str | None = None
 
 
 class TeiError(msgspec.Struct):

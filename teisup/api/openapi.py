@@ -17,6 +17,7 @@ from ..instances import NAME_PATTERN, GpuInfo, InstanceInfo, InstanceSpec, LogLi
 from ..supervision import ChildState, TreeNode
 from .dataplane import EmbedBody, OpenAIEmbeddingsBody, RerankBody, TokenizeBody
 from .errors import Error, OpenAIError, TeiError
+from .views import instance_schema
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -63,7 +64,7 @@ _APPLIED_BODY = _json_body(
     }
 )
 _APPLIED = {"description": "the instance, changed", "headers": _DURABLE, **_APPLIED_BODY}
-#: The longest ``?wait=`` (seconds); the app refuses more with 422.
+#: The longest ``?wait=`` (seconds); the app refuses more with 400.
 MAX_WAIT = 900.0
 _WAIT = [
     {
@@ -136,13 +137,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "post": {
             "summary": "Create an instance and start it (answers at once, state starting)",
             "requestBody": {"required": True, **_json_body(_ref("InstanceSpec"))},
-            "responses": {
-                "201": _APPLIED,
-                "400": _ERROR,
-                "409": _ERROR,
-                "413": _ERROR,
-                "422": _ERROR,
-            },
+            "responses": {"201": _APPLIED, "400": _ERROR, "413": _ERROR},
         },
     },
     "/instances/{name}": {
@@ -155,12 +150,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "(WAIT_TIMEOUT) with its current state in the message after `timeout` seconds."
             ),
             "parameters": [*_NAME, *_WAIT],
-            "responses": {
-                "200": _INSTANCE,
-                "404": _ERROR,
-                "409": _ERROR,
-                "422": _ERROR,
-            },
+            "responses": {"200": _INSTANCE, "400": _ERROR, "404": _ERROR, "409": _ERROR},
         },
         "delete": {
             "summary": "Stop and forget an instance",
@@ -173,7 +163,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "post": {
                 "summary": f"{action.capitalize()} an instance (idempotent)",
                 "parameters": _NAME,
-                "responses": {"200": _APPLIED, "404": _ERROR, "409": _ERROR},
+                "responses": {"200": _APPLIED, "400": _ERROR, "404": _ERROR},
             }
         }
         for action in ("start", "stop", "restart")
@@ -260,6 +250,8 @@ def openapi_document() -> dict[str, Any]:
         ],
         ref_template=_REF,
     )
+    # The API answers tei-manager's status and integer uptime beside teisup's.
+    components["InstanceInfo"] = instance_schema(components["InstanceInfo"])
     paths: dict[str, Any] = {}
     for path, methods in ROUTES.items():
         paths[path] = {}

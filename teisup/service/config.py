@@ -44,13 +44,21 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says where and why."""
 
 
-def default_state_file() -> str:
-    """``$XDG_STATE_HOME/teisup/state.toml`` (``~/.local/state/...``).
+#: tei-manager's default state file.
+TEI_MANAGER_STATE_FILE = "/data/tei-manager-state.toml"
 
-    tei-manager's default, ``/data/tei-manager-state.toml``, is what the
-    Docker image sets through ``TEI_MANAGER_STATE_FILE``; outside a container
-    ``/data`` is rarely writable.
+
+def default_state_file(data_dir: str = "/data") -> str:
+    """tei-manager's ``/data/tei-manager-state.toml`` where ``/data`` is a
+    writable directory (its image and deployments mount one), else
+    ``$XDG_STATE_HOME/teisup/state.toml`` (``~/.local/state/...``).
+
+    Outside a container ``/data`` rarely exists, and a manager that cannot
+    save its state should not be the default; where it does exist, a
+    tei-manager deployment's state (same format) is picked up where it lies.
     """
+    if os.path.isdir(data_dir) and os.access(data_dir, os.W_OK | os.X_OK):
+        return os.path.join(data_dir, os.path.basename(TEI_MANAGER_STATE_FILE))
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
@@ -163,6 +171,10 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
         if problems:
             raise ValueError("; ".join(problems))
 
+    def instance_defaults(self) -> dict[str, float]:
+        """The instance fields these settings give an instance that sets none of its own."""
+        return {key: getattr(self, setting) for key, setting in INSTANCE_DEFAULTS.items()}
+
     def manager_ports(self) -> dict[int, str]:
         ports = {self.api_port: "the manager's REST API port"}
         if self.grpc_enabled:
@@ -197,6 +209,14 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             return self.manager_id
         digest = hashlib.sha256(os.path.abspath(self.state_file).encode()).hexdigest()
         return f"teisup-{digest[:12]}"
+
+
+#: Instance field -> the manager setting that is its default (tei-manager's
+#: global keys, which it documents as applying to every instance).
+INSTANCE_DEFAULTS = {
+    "startup_timeout_secs": "startup_timeout_secs",
+    "stop_grace_secs": "graceful_shutdown_timeout_secs",
+}
 
 
 #: Environment variable -> config key. tei-manager's names first.
@@ -253,12 +273,22 @@ def load_config(
         # and only them, so a file that says port = "9000" is still an error.
         typed = msgspec.convert(from_env, _EnvView, strict=False)
         env_part = {key: getattr(typed, key) for key in from_env}
-        merged = {**data, **env_part, **(overrides or {})}
+        merged = _with_instance_defaults({**data, **env_part, **(overrides or {})})
         if tls_env:
             merged["tls"] = {**(merged.get("tls") or {}), **tls_env}
         return msgspec.convert(merged, ManagerConfig, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, path, source, from_env, overrides or {})) from None
+
+
+def _with_instance_defaults(merged: dict[str, Any]) -> dict[str, Any]:
+    """Seeds that leave out a field of `INSTANCE_DEFAULTS` take the global setting."""
+    seeds = merged.get("instances")
+    given = {key: merged[name] for key, name in INSTANCE_DEFAULTS.items() if name in merged}
+    if not given or not isinstance(seeds, list):
+        return merged
+    filled = [{**given, **seed} if isinstance(seed, dict) else seed for seed in seeds]
+    return {**merged, "instances": filled}
 
 
 class _EnvView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -49,6 +49,7 @@ class ServiceControl:
         self.allow_list = allow_list
         self.tls = tls
         self.data_body_limit = config.grpc_max_message_size_mb * 1024 * 1024
+        self.instance_defaults = config.instance_defaults()
         self._health_timeout = config.health_check_timeout_secs
         self._writer = writer
         self._metrics = metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 from typing import Any
 
 import jsonschema
@@ -24,6 +25,7 @@ class _Plane:
     data_plane: Any = object()  # only handed to the routes, never called here
     data_body_limit = 1 << 20
     allow_list = AllowList()
+    instance_defaults = MappingProxyType({})
     tls = None
 
 

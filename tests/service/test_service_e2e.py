@@ -172,6 +172,11 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
         body = created.json()
         assert (body["name"], body["status"]) == ("bge-small", "starting")
         running = await wait_state(t, "bge-small", "running")
+        # tei-manager's status and whole-second uptime, teisup's finer ones beside.
+        assert (running["status"], running["state"]) == ("running", "running")
+        assert isinstance(running["uptime_secs"], int), running
+        assert isinstance(running["uptime_seconds"], float), running
+        assert running["uptime_secs"] == int(running["uptime_seconds"])
         # A port of the configured instance range (another teisup may hold
         # 8080-8180), never the manager's own, and the instance's own process
         # answers there.
@@ -257,40 +262,53 @@ async def test_bad_requests_get_honest_statuses_and_change_nothing(tmp_path: Pat
             "/instances", content=b'{"name": ', headers={"content-type": "application/json"}
         )
         assert (malformed.status_code, malformed.json()["code"]) == (400, "INVALID_JSON")
+        # tei-manager's statuses and codes; teisup's finer one as "reason".
         missing = await http.post("/instances", json={"name": "x"})
-        assert missing.status_code == 422
+        assert (missing.status_code, missing.json()["code"]) == (400, "VALIDATION_ERROR")
         assert "model_id" in missing.json()["error"]
         bad_port = await http.post("/instances", json={**SMALL, "name": "y", "port": 70000})
-        assert bad_port.status_code == 422
+        assert (bad_port.status_code, bad_port.json()["code"]) == (400, "VALIDATION_ERROR")
         assert "$.port" in bad_port.json()["error"]
         owned = await http.post(
             "/instances",
             json={**SMALL, "name": "z", "extra_args": ["--port", "1"]},
         )
-        assert owned.status_code == 422
+        assert (owned.status_code, owned.json()["code"]) == (400, "VALIDATION_ERROR")
+        assert "extra_args" in owned.json()["error"]
         duplicate = await http.post("/instances", json=SMALL)
-        assert (duplicate.status_code, duplicate.json()["code"]) == (409, "INSTANCE_EXISTS")
+        assert (duplicate.status_code, duplicate.json()["code"]) == (400, "VALIDATION_ERROR")
+        assert duplicate.json()["reason"] == "INSTANCE_EXISTS"
+        assert "bge-small" in duplicate.json()["error"]
         with socket.socket() as taken:
             taken.bind(("0.0.0.0", 0))
             taken.listen()
             busy = taken.getsockname()[1]
             conflict = await http.post("/instances", json={**SMALL, "name": "b", "port": busy})
-        assert (conflict.status_code, conflict.json()["code"]) == (409, "PORT_CONFLICT")
+        assert (conflict.status_code, conflict.json()["reason"]) == (400, "PORT_CONFLICT")
         assert str(busy) in conflict.json()["error"]
         assert await status_of_announced_body(t.url, "/instances", 2 << 20) == 413
         unknown = await http.post("/instances/nope/start")
         assert (unknown.status_code, unknown.json()["code"]) == (404, "INSTANCE_NOT_FOUND")
         assert (await http.get("/no/such/route")).json()["code"] == "NOT_FOUND"
         bad_wait = await http.get("/instances/bge-small", params={"wait": "sleeping"})
-        assert bad_wait.status_code == 422
+        assert (bad_wait.status_code, bad_wait.json()["code"]) == (400, "VALIDATION_ERROR")
+        assert "sleeping" in bad_wait.json()["error"]
 
         # Nothing above left half an instance behind or touched the snapshot.
         assert [i["name"] for i in (await http.get("/instances")).json()] == ["bge-small"]
         assert (tmp_path / "state.toml").read_bytes() == state_before
 
-        assert (await http.post("/instances", json={**SMALL, "name": "second"})).status_code == 201
+        # As a typed client of tei-manager sends it: every optional field null.
+        optional = ("port", "max_batch_tokens", "max_concurrent_requests", "pooling", "gpu_id")
+        optional += ("prometheus_port", "startup_timeout_secs", "extra_args")
+        nulls = {**SMALL, "name": "second", **dict.fromkeys(optional)}
+        second = await http.post("/instances", json=nulls)
+        assert second.status_code == 201, second.text
+        # Every null became the default, which the spec leaves out.
+        assert second.json()["spec"] == {"name": "second", "model_id": SMALL["model_id"]}
         full = await http.post("/instances", json={**SMALL, "name": "third"})
-        assert (full.status_code, full.json()["code"]) == (409, "MAX_INSTANCES_REACHED")
+        assert (full.status_code, full.json()["code"]) == (400, "VALIDATION_ERROR")
+        assert full.json()["reason"] == "MAX_INSTANCES_REACHED"
         assert await t.stop() == 0
 
 
