@@ -394,12 +394,15 @@ def test_a_seed_and_a_created_instance_take_the_global_timeouts(tmp_path: Path) 
     assert (b.startup_timeout_secs, b.stop_grace_secs) == (9, 5)
     assert config.instance_defaults() == {"startup_timeout_secs": 120, "stop_grace_secs": 5}
     # Unset, the globals and an instance's own defaults agree.
-    plain = ManagerConfig()
     spec = InstanceSpec(name="c", model_id="m")
-    assert plain.instance_defaults() == {
-        "startup_timeout_secs": spec.startup_timeout_secs,
-        "stop_grace_secs": spec.stop_grace_secs,
-    }
+    assert (
+        ManagerConfig().startup_timeout_secs,
+        ManagerConfig().graceful_shutdown_timeout_secs,
+    ) == (
+        spec.startup_timeout_secs,
+        spec.stop_grace_secs,
+    )
+    assert ManagerConfig().instance_defaults() == {}
 
 
 def test_the_state_file_is_tei_managers_where_data_is_writable(tmp_path: Path) -> None:

@@ -172,8 +172,11 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError("; ".join(problems))
 
     def instance_defaults(self) -> dict[str, float]:
-        """The instance fields these settings give an instance that sets none of its own."""
-        return {key: getattr(self, setting) for key, setting in INSTANCE_DEFAULTS.items()}
+        """The instance fields these settings give an instance that sets none of its own
+        (only where they differ from the instance's own default)."""
+        own = {f.name: f.default for f in msgspec.structs.fields(InstanceSpec)}
+        settings = {key: getattr(self, name) for key, name in INSTANCE_DEFAULTS.items()}
+        return {key: value for key, value in settings.items() if value != own[key]}
 
     def manager_ports(self) -> dict[int, str]:
         ports = {self.api_port: "the manager's REST API port"}
