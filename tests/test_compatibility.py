@@ -35,6 +35,7 @@ from teisup.api import create_app, openapi_document
 from teisup.api.errors import Error
 from teisup.api.openapi import LogsResponse
 from teisup.api.views import instance_view
+from teisup.bench import build_parser as build_bench_parser
 from teisup.cli import build_parser
 from teisup.embedded.cli import build_parser as build_router_parser
 from teisup.instances import Desired, InstanceInfo, InstanceSpec
@@ -194,6 +195,16 @@ def test_every_tei_router_flag_it_lists_is_taken() -> None:
     unlisted = {f for f in flags if f.startswith("--")} - named("tei-cli") - {"--help"}
     unlisted -= {"--hf-api-token", "--version"}  # hidden and deprecated in TEI; --version: TEI's
     assert not unlisted, f"add rows to docs/COMPATIBILITY.md for {sorted(unlisted)}"
+
+
+def test_every_bench_client_flag_it_lists_is_taken_and_every_flag_is_listed() -> None:
+    parser = build_bench_parser()
+    flags = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help"}
+    for row in present("bench"):
+        for name in row.names:
+            if name.startswith("-"):
+                assert name in flags, f"{row.item}: teisup-bench does not take it"
+    assert not flags - named("bench"), sorted(flags - named("bench"))
 
 
 def test_every_metric_it_lists_is_served() -> None:
