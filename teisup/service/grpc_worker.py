@@ -49,6 +49,9 @@ logger = logging.getLogger("teisup.grpc.worker")
 _BATCH = 4096
 #: With no request finishing, the calls in flight are reported this often.
 _IN_FLIGHT_EVERY = 1.0
+#: After a batch, what finishes within this long goes in the next one: under
+#: load, a few batches a second, not one message per call.
+_COALESCE = 0.01
 
 
 class _Reporter:
@@ -84,6 +87,7 @@ class _Reporter:
                 await out.send_all(encode_message(RequestBatch.of(batch, in_flight)))
                 if not self.pending:
                     break
+            await trio.sleep(_COALESCE)
 
 
 async def serve_worker(inbox: trio.abc.ReceiveStream, outbox: trio.abc.SendStream) -> int:

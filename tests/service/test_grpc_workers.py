@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,7 @@ import trustme
 from teisup.proto.grpc.health.v1 import health_pb2
 
 from ..instances.conftest import wait_gone
+from ..ports import free_port
 from ..security.test_mtls import MTLS_CONFIG, TOKEN, Pki, mtls_env, pki  # noqa: F401
 from .test_service_e2e import SMALL, Teisup, teisup, wait_state
 
@@ -331,4 +334,64 @@ async def test_mtls_and_the_token_refuse_the_same_calls_in_every_worker(
                     assert health_check(channel).code() == grpc.StatusCode.PERMISSION_DENIED
 
         await trio.to_thread.run_sync(scenario)
+        assert await t.stop() == 0
+
+
+async def test_a_second_teisup_cannot_share_the_workers_port(tmp_path: Path) -> None:
+    # SO_REUSEPORT would let it: the port is checked with a plain bind first.
+    async with teisup(tmp_path, env=ENV) as first:
+        await wait_workers(first)
+        argv = [
+            sys.executable, "-m", "teisup", "--api-port", str(free_port()),
+            "--grpc-port", str(first.grpc_port), "--state-file", str(tmp_path / "second.toml"),
+        ]  # fmt: skip
+        env = {**os.environ, **ENV, "TEISUP_BIND_HOST": "127.0.0.1"}
+        env["TEISUP_DEFAULT_INSTANCE"] = "false"
+        with trio.fail_after(60):
+            second = await trio.run_process(argv, env=env, capture_stderr=True, check=False)
+        assert second.returncode != 0
+        assert b"Address already in use" in second.stderr
+        assert await first.stop() == 0
+
+
+async def test_sighup_reloads_the_certificate_in_every_worker(
+    tmp_path: Path,
+    pki: Pki,  # noqa: F811
+) -> None:
+    import ssl
+
+    from cryptography import x509
+
+    from ..security.test_mtls import https
+    from ..security.test_tls import server_files
+
+    env = {**mtls_env(pki), **ENV}
+    client = {"verify": https(pki, pki.allowed), "headers": {"Authorization": f"Bearer {TOKEN}"}}
+    async with teisup(tmp_path, env=env, scheme="https", client=client) as t:
+        pids = await wait_workers(t)
+
+        def tls_connect() -> ssl.SSLSocket:
+            context = https(pki, pki.allowed)
+            context.set_alpn_protocols(["h2"])
+            raw = socket.create_connection(("127.0.0.1", t.grpc_port), timeout=10)
+            return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+        def serials() -> set[int]:
+            seen = set()
+            with one_channel_per_worker(t, pids, tls_connect, lambda _: None) as chosen:
+                for tls in chosen.values():
+                    der = tls.getpeercert(binary_form=True)
+                    assert der is not None
+                    seen.add(int(x509.load_der_x509_certificate(der).serial_number))
+            return seen
+
+        [old] = await trio.to_thread.run_sync(serials)
+        server_files(pki.ca, tmp_path)  # the same names, a new certificate
+        t.proc.send_signal(signal.SIGHUP)
+        for index in pids:
+            await t.wait_log(
+                f"worker {index}: teisup.grpc.worker: SIGHUP: TLS certificate reloaded"
+            )
+        [new] = await trio.to_thread.run_sync(serials)
+        assert new != old
         assert await t.stop() == 0
