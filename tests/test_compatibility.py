@@ -398,6 +398,8 @@ def test_a_seed_and_a_created_instance_take_the_global_timeouts(tmp_path: Path) 
         "startup_timeout_secs = 120\ngraceful_shutdown_timeout_secs = 5\n"
         '[[instances]]\nname = "a"\nmodel_id = "m"\n'
         '[[instances]]\nname = "b"\nmodel_id = "m"\nstartup_timeout_secs = 9\n'
+        # tei-manager's InstanceConfig key, in seeds copied from its state file.
+        'created_at = "2025-11-19T14:38:49Z"\n'
     )
     config = load_config(path, environ={})
     [a, b] = config.instances

@@ -26,7 +26,8 @@ class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Seconds a probe may take before it counts as failed.
     timeout: float = 5.0
     #: Consecutive failed probes that make a ready instance restart. The first
-    #: failure already shows it ``unhealthy``.
+    #: failure already shows it ``unhealthy``. 0: failed probes never restart
+    #: it (tei-manager's documented meaning of 0).
     failure_threshold: int = 3
     #: Seconds between readiness probes while starting (the ``Ready`` log line
     #: triggers one at once as well).
@@ -37,8 +38,8 @@ class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if not value > 0 or not math.isfinite(value):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {self.failure_threshold}")
+        if self.failure_threshold < 0:
+            raise ValueError(f"failure_threshold must be >= 0, got {self.failure_threshold}")
 
 
 class Verdict(enum.Enum):
@@ -82,7 +83,8 @@ class HealthPolicy:
         if not self.ready:
             return Verdict.STARTUP_TIMEOUT if now >= self.deadline else Verdict.WAIT
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self.settings.failure_threshold:
+        threshold = self.settings.failure_threshold
+        if threshold and self.consecutive_failures >= threshold:
             return Verdict.RESTART
         return Verdict.DEGRADED
 

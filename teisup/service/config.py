@@ -108,7 +108,8 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     tei_binary_path: str | None = None
     health_check_interval_secs: ProbeSeconds = 10.0
     health_check_timeout_secs: ProbeSeconds = 5.0
-    max_failures_before_restart: Annotated[int, msgspec.Meta(ge=1, le=MAX_FAILURES)] = 3
+    #: 0: failed probes never restart an instance (it shows unhealthy).
+    max_failures_before_restart: Annotated[int, msgspec.Meta(ge=0, le=MAX_FAILURES)] = 3
     #: Start-up budget of an instance: download, load and warm-up.
     startup_timeout_secs: Seconds = 600.0
     #: Grace between SIGTERM and SIGKILL when an instance stops.
@@ -285,12 +286,22 @@ def load_config(
 
 
 def _with_instance_defaults(merged: dict[str, Any]) -> dict[str, Any]:
-    """Seeds that leave out a field of `INSTANCE_DEFAULTS` take the global setting."""
+    """Seeds that leave out a field of `INSTANCE_DEFAULTS` take the global setting.
+
+    A seed's ``created_at`` (tei-manager's InstanceConfig has one, so seeds
+    copied from its state file carry it) is dropped: teisup records when it
+    registered the instance.
+    """
     seeds = merged.get("instances")
-    given = {key: merged[name] for key, name in INSTANCE_DEFAULTS.items() if name in merged}
-    if not given or not isinstance(seeds, list):
+    if not isinstance(seeds, list):
         return merged
-    filled = [{**given, **seed} if isinstance(seed, dict) else seed for seed in seeds]
+    given = {key: merged[name] for key, name in INSTANCE_DEFAULTS.items() if name in merged}
+    filled = [
+        {**given, **{k: v for k, v in seed.items() if k != "created_at"}}
+        if isinstance(seed, dict)
+        else seed
+        for seed in seeds
+    ]
     return {**merged, "instances": filled}
 
 

@@ -45,12 +45,19 @@ def test_probe_cadence_is_fast_while_starting_then_the_interval() -> None:
     assert p.next_probe_after() == 10.0
 
 
+def test_a_threshold_of_0_never_restarts() -> None:
+    p = policy(failure_threshold=0)
+    assert p.on_probe(True, 1.0) is Verdict.READY
+    assert {p.on_probe(False, 2.0 + i) for i in range(100)} == {Verdict.DEGRADED}
+    assert p.on_probe(True, 200.0) is Verdict.HEALTHY
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"interval": 0.0}, "interval"),
         ({"timeout": -1.0}, "timeout"),
-        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"failure_threshold": -1}, "failure_threshold"),
     ],
 )
 def test_settings_are_validated(kwargs: dict[str, float], message: str) -> None:

@@ -216,7 +216,7 @@ CONFIG_BOUNDS: list[tuple[str, float, float, tuple[float, float]]] = [
     ("grpc_queue_timeout_secs", -0.5, 3600.5, (0, 3600)),
     ("health_check_interval_secs", 0, 3600.5, (0.001, 3600)),
     ("health_check_timeout_secs", 0, 3600.5, (0.001, 3600)),
-    ("max_failures_before_restart", 0, 1001, (1, 1000)),
+    ("max_failures_before_restart", -1, 1001, (0, 1000)),
     ("startup_timeout_secs", 0, 86400.5, (0.001, 86400)),
     ("graceful_shutdown_timeout_secs", -0.5, 86400.5, (0, 86400)),
     ("max_instances", 0, 65536, (1, 100)),
