@@ -99,6 +99,28 @@ def start_teisup(workers: int, directory: Path) -> tuple[subprocess.Popen[bytes]
     return proc, grpc
 
 
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and its live descendants."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    family, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    return sum(ticks.get(pid, 0) for pid in family) / os.sysconf("SC_CLK_TCK")
+
+
 def h2load(port: int, body: Path, seconds: float, clients: int, streams: int) -> float:
     argv = [
         "h2load", "-D", f"{seconds:g}", "-d", str(body), "-c", str(clients), "-m", str(streams),
@@ -112,11 +134,17 @@ def h2load(port: int, body: Path, seconds: float, clients: int, streams: int) ->
     return float(rate.group(1))
 
 
-def measure(workers: int, args: argparse.Namespace, body: Path, directory: Path) -> float:
+def measure(
+    workers: int, args: argparse.Namespace, body: Path, directory: Path
+) -> tuple[float, float]:
+    """(requests/s, teisup's CPU microseconds per request: manager and workers)."""
     proc, port = start_teisup(workers, directory)
     try:
         h2load(port, body, 1.0, args.clients, args.streams)  # warm-up, and every worker bound
-        return h2load(port, body, args.seconds, args.clients, args.streams)
+        cpu = tree_cpu(proc.pid)
+        rate = h2load(port, body, args.seconds, args.clients, args.streams)
+        used = tree_cpu(proc.pid) - cpu
+        return rate, used / (rate * args.seconds) * 1e6
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -142,9 +170,12 @@ def main() -> None:
         )
         for round_ in range(args.rounds):
             for workers in rates:
-                rate = measure(workers, args, body, directory)
+                rate, cpu = measure(workers, args, body, directory)
                 rates[workers].append(rate)
-                print(f"  round {round_ + 1}  grpc_workers={workers}: {rate:10.1f} req/s")
+                print(
+                    f"  round {round_ + 1}  grpc_workers={workers}: {rate:10.1f} req/s"
+                    f"  {cpu:8.0f} CPU us/req (teisup, all processes)"
+                )
     one, many = (statistics.median(rates[w]) for w in rates)
     print(f"median  grpc_workers=1: {one:10.1f} req/s")
     print(f"median  grpc_workers={args.workers}: {many:10.1f} req/s")
