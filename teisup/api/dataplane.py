@@ -3,14 +3,19 @@
 Routes on the REST port, all through the multiplexer's routing, backend pool,
 in-flight caps and deadlines (`teisup.grpc.MultiplexerService`):
 
-* ``POST /instances/<name>/embed``, ``/embed_sparse``, ``/rerank``,
-  ``/tokenize``: TEI's HTTP JSON request and response shapes (TEI 1.8's
-  ``/embed`` ... routes), forwarded to the instance's ``tei.v1`` service; a
-  batch of inputs goes over one stream and comes back in order;
-* ``POST /v1/embeddings``: OpenAI's embeddings API; ``model`` is an instance
-  name, or else a model id (spread over its ready replicas as gRPC
-  ``model_id`` routing is). Inputs are always normalised and truncated to the
-  model's length (OpenAI clients do not cut texts to a local model's limit).
+* ``POST /instances/<name>/embed``, ``/embed_all``, ``/embed_sparse``,
+  ``/predict``, ``/rerank``, ``/similarity``, ``/tokenize``, ``/decode`` and
+  ``GET /instances/<name>/info``: TEI 1.9.3's HTTP JSON request and response
+  shapes, forwarded to the instance's ``tei.v1`` service; a batch of inputs
+  goes over one stream and comes back in order. ``/similarity`` is computed
+  here from the instance's normalized embeddings (cosine similarity, as
+  TEI's), ``/info`` from its ``Info`` answer;
+* ``POST /v1/embeddings`` (also ``/embeddings``): OpenAI's embeddings API;
+  ``model`` is an instance name, or else a model id (spread over its ready
+  replicas as gRPC ``model_id`` routing is). Inputs are always normalised and
+  truncated to the model's length (OpenAI clients do not cut texts to a local
+  model's limit). ``GET /v1/models`` lists what ``model`` accepts: every
+  instance name and model id, in OpenAI's list shape.
 
 TEI's routes answer errors as ``{"error", "error_type", "code", "timestamp"}``
 (TEI's two fields and teisup's); ``/v1/embeddings`` answers OpenAI's
@@ -23,6 +28,7 @@ UNIMPLEMENTED / INTERNAL 424, anything else 502.
 from __future__ import annotations
 
 import base64
+import datetime
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -75,6 +81,56 @@ class EmbedBody(msgspec.Struct):
     normalize: bool | None = None
     """Absent (or null): left unset on the ``tei.v1`` request, which means true (TEI 1.9)."""
     dimensions: Dimensions | None = None
+
+
+class EmbedAllBody(msgspec.Struct):
+    """TEI's ``/embed_all`` body."""
+
+    inputs: str | list[str]
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+
+
+class PredictBody(msgspec.Struct):
+    """TEI's ``/predict`` body: a text, a pair ``[a, b]``, or a batch of texts and pairs."""
+
+    inputs: str | list[str | list[str]]
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    raw_scores: bool = False
+
+
+class SimilarityInputs(msgspec.Struct):
+    """``/similarity``'s texts: one source, compared with each sentence."""
+
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(msgspec.Struct):
+    """``/similarity``'s options."""
+
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+
+
+class SimilarityBody(msgspec.Struct):
+    """TEI's ``/similarity`` body."""
+
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
+
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+
+
+class DecodeBody(msgspec.Struct):
+    """TEI's ``/decode`` body: ``ids`` is one list of token ids, or a list of them."""
+
+    ids: list[TokenId | list[TokenId]]
+    skip_special_tokens: bool = True
 
 
 class RerankBody(msgspec.Struct):
@@ -140,17 +196,21 @@ def _inputs(value: str | list[str]) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
         raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`inputs` cannot be empty")
-    if len(texts) > MAX_BATCH:
+    _check_batch_size(len(texts))
+    return texts
+
+
+def _check_batch_size(count: int) -> None:
+    if count > MAX_BATCH:
         raise DataPlaneError(
             422,
             "Validation",
             "INVALID_ARGUMENT",
-            f"batch size {len(texts)} > maximum allowed batch size {MAX_BATCH}",
+            f"batch size {count} > maximum allowed batch size {MAX_BATCH}",
         )
-    return texts
 
 
-async def _decode(kind: type[B]) -> B:
+async def _decode(kind: type[B], *, texts_only: bool = True) -> B:
     try:
         body = await request.get_data(cache=False)
     except RequestEntityTooLarge:
@@ -171,7 +231,7 @@ async def _decode(kind: type[B]) -> B:
         raise DataPlaneError(
             422, "Validation", "INVALID_ARGUMENT", "the body must be a JSON object"
         )
-    for key in ("inputs", "input"):
+    for key in ("inputs", "input") if texts_only else ():
         value = data.get(key)
         if isinstance(value, list) and any(not isinstance(v, str) for v in value):
             raise DataPlaneError(
@@ -224,13 +284,15 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             record.code = error.code
         return _json(error_body(error), error.status)
 
-    def tei_route(method: str, serve: Callable[[mux_pb2.Target], Awaitable[Any]]) -> None:
+    def tei_route(
+        method: str, serve: Callable[[mux_pb2.Target], Awaitable[Any]], *, verb: str = "POST"
+    ) -> None:
         async def handler(name: str) -> Response:
             target = mux_pb2.Target(instance_name=name)
             return await answer(method, lambda: serve(target), DataPlaneError.tei_body)
 
         handler.__name__ = f"data_{method}"
-        app.post(f"/instances/<name>/{method}")(handler)
+        app.route(f"/instances/<name>/{method}", methods=[verb])(handler)
 
     async def embed(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedBody)
@@ -327,16 +389,251 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             for a in answers
         ]
 
-    tei_route("embed", embed)
-    tei_route("embed_sparse", embed_sparse)
-    tei_route("rerank", rerank)
-    tei_route("tokenize", tokenize)
+    async def embed_all(target: mux_pb2.Target) -> Any:
+        body = await _decode(EmbedAllBody)
+        texts = _inputs(body.inputs)
+        requests = [
+            tei_pb2.EmbedAllRequest(
+                inputs=text,
+                truncate=bool(body.truncate),
+                truncation_direction=_direction(body.truncation_direction),
+                prompt_name=body.prompt_name,
+            )
+            for text in texts
+        ]
+        answers = await many(
+            target, "tei.v1.Embed", "EmbedAll", "EmbedAllStream", requests,
+            tei_pb2.EmbedAllResponse,
+        )  # fmt: skip
+        return [[list(t.embeddings) for t in a.token_embeddings] for a in answers]
 
-    @app.post("/v1/embeddings")
+    async def predict(target: mux_pb2.Target) -> Any:
+        body = await _decode(PredictBody, texts_only=False)
+        options = {
+            "truncate": bool(body.truncate),
+            "raw_scores": body.raw_scores,
+            "truncation_direction": _direction(body.truncation_direction),
+        }
+        single = _predict_single(body.inputs)
+        if single is not None:
+            request = tei_pb2.PredictPairRequest(inputs=single, **options)
+            (one,) = await many(
+                target, "tei.v1.Predict", "PredictPair", "", [request], tei_pb2.PredictResponse
+            )
+            return _predictions(one)
+        requests = [
+            tei_pb2.PredictPairRequest(inputs=pair, **options)
+            for pair in _predict_batch(body.inputs)
+        ]
+        answers = await many(
+            target, "tei.v1.Predict", "PredictPair", "PredictPairStream", requests,
+            tei_pb2.PredictResponse,
+        )  # fmt: skip
+        return [_predictions(a) for a in answers]
+
+    async def similarity(target: mux_pb2.Target) -> Any:
+        body = await _decode(SimilarityBody)
+        if not body.inputs.sentences:
+            raise DataPlaneError(
+                400, "Empty", "INVALID_ARGUMENT", "`inputs.sentences` cannot be empty"
+            )
+        texts = _inputs([body.inputs.source_sentence, *body.inputs.sentences])
+        parameters = body.parameters or SimilarityParameters()
+        requests = [
+            tei_pb2.EmbedRequest(
+                inputs=text,
+                truncate=bool(parameters.truncate),
+                normalize=True,
+                truncation_direction=_direction(parameters.truncation_direction),
+                prompt_name=parameters.prompt_name,
+            )
+            for text in texts
+        ]
+        answers = await many(
+            target, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
+        )
+        source, *others = (list(a.embeddings) for a in answers)
+        return [_cosine(source, other) for other in others]
+
+    async def decode(target: mux_pb2.Target) -> Any:
+        body = await _decode(DecodeBody)
+        batch = _decode_batch(body.ids)
+        requests = [
+            tei_pb2.DecodeRequest(ids=ids, skip_special_tokens=body.skip_special_tokens)
+            for ids in batch
+        ]
+        answers = await many(
+            target, "tei.v1.Tokenize", "Decode", "DecodeStream", requests,
+            tei_pb2.DecodeResponse,
+        )  # fmt: skip
+        return [a.text for a in answers]
+
+    async def info(target: mux_pb2.Target) -> Any:
+        record = data.route(target)
+        answer = await data.forward(
+            target, "tei.v1.Info", "Info", tei_pb2.InfoRequest(), tei_pb2.InfoResponse,
+            routed=record,
+        )  # fmt: skip
+        return _info(answer, record)
+
+    tei_route("embed", embed)
+    tei_route("embed_all", embed_all)
+    tei_route("embed_sparse", embed_sparse)
+    tei_route("predict", predict)
+    tei_route("rerank", rerank)
+    tei_route("similarity", similarity)
+    tei_route("tokenize", tokenize)
+    tei_route("decode", decode)
+    tei_route("info", info, verb="GET")
+
     async def openai_embeddings() -> Response:
         return await answer(
             "openai_embeddings", lambda: _openai(data, many), DataPlaneError.openai_body
         )
+
+    app.post("/v1/embeddings")(openai_embeddings)
+    # TEI serves OpenAI's route at both paths.
+    app.post("/embeddings", endpoint="openai_embeddings_alias")(openai_embeddings)
+
+    @app.get("/v1/models")
+    async def openai_models() -> Response:
+        async def listing() -> Any:
+            return _models(data.instances.all())
+
+        return await answer("openai_models", listing, DataPlaneError.openai_body)
+
+
+def _refuse(message: str) -> DataPlaneError:
+    return DataPlaneError(422, "Validation", "INVALID_ARGUMENT", message)
+
+
+def _predict_single(inputs: str | list[str | list[str]]) -> list[str] | None:
+    """The one text or pair ``inputs`` is (TEI: ``"a"`` or ``["a", "b"]``), else None."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if len(inputs) == 2 and all(isinstance(i, str) for i in inputs):
+        return [str(i) for i in inputs]
+    return None
+
+
+def _predict_batch(inputs: str | list[str | list[str]]) -> list[list[str]]:
+    """A batch of texts and pairs: each item a text, ``[text]`` or ``[a, b]``."""
+    assert not isinstance(inputs, str)
+    if not inputs:
+        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`inputs` cannot be empty")
+    if all(isinstance(i, str) for i in inputs) and len(inputs) > 2:
+        raise _refuse(
+            "`inputs` must be a text, a pair of texts [a, b], or a list of texts and "
+            f"pairs ([[a], [a, b], ...]); got a list of {len(inputs)} texts"
+        )
+    batch = [[item] if isinstance(item, str) else item for item in inputs]
+    for index, item in enumerate(batch):
+        if len(item) not in (1, 2):
+            raise _refuse(
+                f"`inputs[{index}]` must have a single or two elements. Given: {len(item)}"
+            )
+    _check_batch_size(len(batch))
+    return batch
+
+
+def _predictions(answer: Any) -> list[dict[str, Any]]:
+    return [{"score": p.score, "label": p.label} for p in answer.predictions]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    # Both are unit vectors (normalize=True), so the dot product is the cosine.
+    return float(sum(x * y for x, y in zip(a, b, strict=True)))
+
+
+def _decode_batch(ids: list[int | list[int]]) -> list[list[int]]:
+    """``ids`` as a batch: one list of token ids, or a list of such lists."""
+    if not ids:
+        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`ids` cannot be empty")
+    if all(isinstance(i, int) for i in ids):
+        return [[int(i) for i in ids]]  # type: ignore[arg-type]
+    if not all(isinstance(i, list) for i in ids):
+        raise _refuse("`ids` must be a list of token ids or a list of lists of them, not both")
+    batch: list[list[int]] = [i for i in ids if isinstance(i, list)]
+    if any(not i for i in batch):
+        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`ids` cannot be empty")
+    _check_batch_size(len(batch))
+    return batch
+
+
+_MODEL_TYPES = {
+    tei_pb2.MODEL_TYPE_EMBEDDING: "embedding",
+    tei_pb2.MODEL_TYPE_CLASSIFIER: "classifier",
+    tei_pb2.MODEL_TYPE_RERANKER: "reranker",
+}
+
+
+def _info(answer: Any, record: Any) -> dict[str, Any]:
+    """TEI's ``/info`` JSON from the instance's ``tei.v1.Info`` answer.
+
+    gRPC's ``Info`` carries the model type but not its pooling or labels: the
+    pooling is the instance's ``pooling`` setting when it has one (else null),
+    the label maps are empty. ``auto_truncate`` is the instance's setting.
+    """
+    spec = getattr(record, "spec", None)
+    kind = _MODEL_TYPES.get(answer.model_type, "embedding")
+    if kind == "embedding":
+        pooling = getattr(spec, "pooling", None)
+        model_type: dict[str, Any] = {
+            "embedding": {"pooling": pooling.replace("-", "_") if pooling else None}
+        }
+    else:
+        model_type = {kind: {"id2label": {}, "label2id": {}}}
+
+    def optional(field: str) -> Any:
+        return getattr(answer, field) if answer.HasField(field) else None
+
+    return {
+        "model_id": answer.model_id,
+        "model_sha": optional("model_sha"),
+        "model_dtype": answer.model_dtype,
+        "model_type": model_type,
+        "max_concurrent_requests": answer.max_concurrent_requests,
+        "max_input_length": answer.max_input_length,
+        "max_batch_tokens": answer.max_batch_tokens,
+        "max_batch_requests": optional("max_batch_requests"),
+        "max_client_batch_size": answer.max_client_batch_size,
+        "auto_truncate": bool(getattr(spec, "auto_truncate", False)),
+        "tokenization_workers": answer.tokenization_workers,
+        "version": answer.version,
+        "sha": optional("sha"),
+        "docker_label": optional("docker_label"),
+    }
+
+
+def _created(record: Any) -> int:
+    stamp = getattr(record, "created_at", None)
+    try:
+        return int(datetime.datetime.fromisoformat(stamp).timestamp()) if stamp else 0
+    except ValueError:
+        return 0
+
+
+def _models(records: Any) -> dict[str, Any]:
+    """OpenAI's model list: every instance name, then every model id not already listed."""
+    rows: dict[str, dict[str, Any]] = {}
+    for record in records:
+        rows[record.name] = {
+            "id": record.name,
+            "object": "model",
+            "created": _created(record),
+            "owned_by": "teisup",
+        }
+    for record in records:
+        rows.setdefault(
+            record.model_id,
+            {
+                "id": record.model_id,
+                "object": "model",
+                "created": _created(record),
+                "owned_by": "teisup",
+            },
+        )
+    return {"object": "list", "data": list(rows.values())}
 
 
 async def _openai(data: MultiplexerService, many: Any) -> Any:

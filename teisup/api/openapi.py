@@ -15,7 +15,16 @@ import msgspec
 from .. import __version__
 from ..instances import NAME_PATTERN, GpuInfo, InstanceInfo, InstanceSpec, LogLine
 from ..supervision import ChildState, TreeNode
-from .dataplane import EmbedBody, OpenAIEmbeddingsBody, RerankBody, TokenizeBody
+from .dataplane import (
+    DecodeBody,
+    EmbedAllBody,
+    EmbedBody,
+    OpenAIEmbeddingsBody,
+    PredictBody,
+    RerankBody,
+    SimilarityBody,
+    TokenizeBody,
+)
 from .errors import Error, OpenAIError, TeiError
 from .views import instance_schema
 
@@ -86,6 +95,68 @@ _WAIT = [
 _DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("TeiError"))}
 _OPENAI_ERROR = {"description": "an OpenAI-style error", **_json_body(_ref("OpenAIError"))}
 _DATA_CODES = ("400", "404", "413", "422", "424", "429", "502", "503", "504")
+
+_NUMBER = {"type": "number"}
+
+
+def _rows(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": item}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_SPARSE_VALUE = _object({"index": {"type": "integer"}, "value": _NUMBER})
+_PREDICTIONS = _rows(_object({"score": _NUMBER, "label": {"type": "string"}}))
+_RANK = {
+    **_object({"index": {"type": "integer"}, "score": _NUMBER}),
+    "properties": {"index": {"type": "integer"}, "score": _NUMBER, "text": {"type": "string"}},
+}
+_TOKEN = _object(
+    {
+        "id": {"type": "integer"},
+        "text": {"type": "string"},
+        "special": {"type": "boolean"},
+        "start": _NULLABLE_INT,
+        "stop": _NULLABLE_INT,
+    }
+)
+_TEI_INFO = _object(
+    {
+        "model_id": {"type": "string"},
+        "model_sha": _NULLABLE_STRING,
+        "model_dtype": {"type": "string"},
+        "model_type": {"type": "object"},
+        "max_concurrent_requests": {"type": "integer"},
+        "max_input_length": {"type": "integer"},
+        "max_batch_tokens": {"type": "integer"},
+        "max_batch_requests": _NULLABLE_INT,
+        "max_client_batch_size": {"type": "integer"},
+        "auto_truncate": {"type": "boolean"},
+        "tokenization_workers": {"type": "integer"},
+        "version": {"type": "string"},
+        "sha": _NULLABLE_STRING,
+        "docker_label": _NULLABLE_STRING,
+    }
+)
+_MODEL_LIST = _object(
+    {
+        "object": {"const": "list"},
+        "data": _rows(
+            _object(
+                {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                }
+            )
+        ),
+    }
+)
 
 #: path -> method -> operation (without the generated parts).
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
@@ -199,26 +270,50 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "parameters": _NAME,
                 "requestBody": {"required": True, **_json_body(_ref(body))},
                 "responses": {
-                    "200": {"description": f"TEI's /{route} answer"},
+                    "200": {"description": f"TEI's /{route} answer", **_json_body(answer)},
                     **dict.fromkeys(_DATA_CODES, _DATA_ERROR),
                 },
             }
         }
-        for route, body in (
-            ("embed", "EmbedBody"),
-            ("embed_sparse", "EmbedBody"),
-            ("rerank", "RerankBody"),
-            ("tokenize", "TokenizeBody"),
+        for route, body, answer in (
+            ("embed", "EmbedBody", _rows(_rows(_NUMBER))),
+            ("embed_all", "EmbedAllBody", _rows(_rows(_rows(_NUMBER)))),
+            ("embed_sparse", "EmbedBody", _rows(_rows(_SPARSE_VALUE))),
+            ("predict", "PredictBody", {"anyOf": [_PREDICTIONS, _rows(_PREDICTIONS)]}),
+            ("rerank", "RerankBody", _rows(_RANK)),
+            ("similarity", "SimilarityBody", _rows(_NUMBER)),
+            ("tokenize", "TokenizeBody", _rows(_rows(_TOKEN))),
+            ("decode", "DecodeBody", _rows({"type": "string"})),
         )
     },
-    "/v1/embeddings": {
-        "post": {
-            "summary": "OpenAI-compatible embeddings; model = an instance name or a model id",
-            "requestBody": {"required": True, **_json_body(_ref("OpenAIEmbeddingsBody"))},
+    "/instances/{name}/info": {
+        "get": {
+            "summary": "TEI's GET /info of this instance (data plane)",
+            "parameters": _NAME,
             "responses": {
-                "200": {"description": "OpenAI's embedding list"},
-                **dict.fromkeys(_DATA_CODES, _OPENAI_ERROR),
+                "200": {"description": "TEI's /info answer", **_json_body(_TEI_INFO)},
+                **dict.fromkeys(_DATA_CODES, _DATA_ERROR),
             },
+        }
+    },
+    **{
+        path: {
+            "post": {
+                "summary": "OpenAI-compatible embeddings; model = an instance name or a model id",
+                "requestBody": {"required": True, **_json_body(_ref("OpenAIEmbeddingsBody"))},
+                "responses": {
+                    "200": {"description": "OpenAI's embedding list"},
+                    **dict.fromkeys(_DATA_CODES, _OPENAI_ERROR),
+                },
+            }
+        }
+        for path in ("/v1/embeddings", "/embeddings")
+    },
+    "/v1/models": {
+        "get": {
+            "summary": "OpenAI's model list: what /v1/embeddings accepts as model",
+            "description": "Every instance name, then every model id not already listed.",
+            "responses": {"200": {"description": "the models", **_json_body(_MODEL_LIST)}},
         }
     },
 }
@@ -244,8 +339,12 @@ def openapi_document() -> dict[str, Any]:
             TeiError,
             OpenAIError,
             EmbedBody,
+            EmbedAllBody,
+            PredictBody,
             RerankBody,
+            SimilarityBody,
             TokenizeBody,
+            DecodeBody,
             OpenAIEmbeddingsBody,
         ],
         ref_template=_REF,

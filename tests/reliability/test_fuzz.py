@@ -47,10 +47,16 @@ CONFIG = "max_instances = 4\n" + "".join(
 EXAMPLES = {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 30}
 DATA_PLANE = {
     "POST /instances/{name}/embed",
+    "POST /instances/{name}/embed_all",
     "POST /instances/{name}/embed_sparse",
+    "POST /instances/{name}/predict",
     "POST /instances/{name}/rerank",
+    "POST /instances/{name}/similarity",
     "POST /instances/{name}/tokenize",
+    "POST /instances/{name}/decode",
+    "GET /instances/{name}/info",
     "POST /v1/embeddings",
+    "POST /embeddings",
 }
 
 
