@@ -289,7 +289,7 @@ class TeiManagerInstance(msgspec.Struct):
     status: TeiManagerStatus
     pid: int | None
     created_at: str | None
-    uptime_secs: int | None
+    uptime_secs: int
     restarts: int
     health_check_failures: int
     last_health_check: str | None
@@ -297,7 +297,7 @@ class TeiManagerInstance(msgspec.Struct):
     prometheus_port: int | None
 
     def __post_init__(self) -> None:
-        assert self.uptime_secs is None or self.uptime_secs >= 0
+        assert self.uptime_secs >= 0
 
 
 def _info(state: ChildState, uptime: float | None) -> InstanceInfo:
@@ -332,7 +332,7 @@ def test_a_typed_tei_manager_client_decodes_an_instance_in_every_state(state: Ch
     seen = msgspec.json.decode(body, type=TeiManagerInstance, strict=True)
     renamed = {ChildState.UNHEALTHY: "running", ChildState.BACKOFF: "starting"}
     expected = TeiManagerStatus(renamed.get(state, state.value))
-    assert (seen.status, seen.uptime_secs) == (expected, 12 if uptime else None)
+    assert (seen.status, seen.uptime_secs) == (expected, 12 if uptime else 0)
     # teisup's own, beside tei-manager's.
     raw = json.loads(body)
     assert (raw["state"], raw["uptime_seconds"]) == (state.value, uptime)

@@ -55,7 +55,9 @@ def instance_view(info: InstanceInfo, **extra: Any) -> dict[str, Any]:
     refined = {
         "status": STATUS_OF[info.status].value,
         "state": info.status.value,
-        "uptime_secs": None if uptime is None else int(uptime),
+        # 0, not null, when it is not running: a client may declare tei-manager's
+        # field a plain u64, which null would not decode into.
+        "uptime_secs": 0 if uptime is None else int(uptime),
         "uptime_seconds": uptime,
     }
     out: dict[str, Any] = {}
@@ -82,8 +84,9 @@ def instance_schema(generated: dict[str, Any]) -> dict[str, Any]:
             properties["state"] = {**schema, "description": "teisup's supervisor state"}
         elif key == "uptime_secs":
             properties["uptime_secs"] = {
-                "anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}],
-                "description": "whole seconds since ready (tei-manager's u64)",
+                "type": "integer",
+                "minimum": 0,
+                "description": "whole seconds since ready, 0 when not running (tei-manager's u64)",
             }
             properties["uptime_seconds"] = {**schema, "description": "seconds since ready"}
         else:

@@ -202,6 +202,7 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
 
         stopped = await http.post("/instances/bge-small/stop")
         assert (stopped.status_code, stopped.json()["status"]) == (200, "stopped")
+        assert (stopped.json()["uptime_secs"], stopped.json()["uptime_seconds"]) == (0, None)
         assert proc_state(pid) is None
         assert (await http.post("/instances/bge-small/stop")).json()["status"] == "stopped"
 
