@@ -11,7 +11,9 @@
   ends share (routing, pool, deadlines, failover, observation);
 * `handlers`: every RPC of ``tei_multiplexer.v1.TeiMultiplexer`` over it;
 * `feed` (pure): the routing view and the messages between the manager and
-  the multiplexer's worker processes (``grpc_workers``).
+  the multiplexer's worker processes (``grpc_workers``);
+* `worker`: one worker process (``python -m teisup.grpc.worker``);
+* `gate`: `GrpcGate`, the allow-list and token on every gRPC call.
 """
 
 from .feed import (
@@ -30,6 +32,7 @@ from .feed import (
     routing_view,
     worker_share,
 )
+from .gate import GrpcGate
 from .handlers import SERVICE_NAME
 from .observe import RequestRecord
 from .pool import BackendPool
@@ -44,6 +47,7 @@ __all__ = [
     "BackendPool",
     "FeedError",
     "FrameDecoder",
+    "GrpcGate",
     "InstanceRecord",
     "InstanceSource",
     "Multiplexer",

@@ -2,9 +2,9 @@
 
 `ServiceControl` is the `teisup.api.ControlPlane` the REST app is built on:
 the instance manager, the supervision tree, the state writer's durability,
-GPU readings, metrics, the data plane, and the access settings. `GrpcGate` is
-the gRPC servers' authorizer, applying the same allow-list and token as the
-REST app.
+GPU readings, metrics, the data plane, and the access settings. `GrpcGate`
+(`teisup.grpc`, exported here too) is the gRPC servers' authorizer, applying
+the same allow-list and token as the REST app.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..grpc import SERVICE_NAME, MultiplexerService
+from ..grpc import GrpcGate, MultiplexerService
 from ..instances import GpuInfo, InstanceInfo, InstanceManager, Probe
-from ..rpc import ServerCall, Status, StatusCode
-from ..security import AllowList, TlsReloader, bearer_matches
+from ..security import AllowList, TlsReloader
 from ..supervision import Supervisor
 from .config import ManagerConfig
 from .metrics import Metrics
@@ -101,28 +100,3 @@ class ServiceControl:
             "error": error,
             "latency_ms": round((time.perf_counter() - began) * 1000, 3),
         }
-
-
-class GrpcGate:
-    """The gRPC servers' gate: the allow-list for every call, the token for the data plane.
-
-    Health and reflection stay open to any client the TLS layer let in, as
-    /health does over REST.
-    """
-
-    def __init__(self, *, api_token: str | None, allow_list: AllowList, tls: bool) -> None:
-        self._api_token = api_token
-        # Without TLS there is no verified certificate to check.
-        self._allow_list = allow_list if tls else None
-
-    def __call__(self, call: ServerCall) -> Status | None:
-        """None to let the call in, else the status refusing it."""
-        allow_list = self._allow_list
-        refusal = allow_list.refusal(call.peer.certificate) if allow_list is not None else None
-        if refusal is not None:
-            return Status(StatusCode.PERMISSION_DENIED, refusal)
-        if self._api_token is not None and call.service == SERVICE_NAME:
-            metadata = dict(call.metadata)
-            if not bearer_matches(metadata.get("authorization"), self._api_token):
-                return Status(StatusCode.UNAUTHENTICATED, "missing or wrong API token")
-        return None

@@ -2,7 +2,7 @@
 
 With ``grpc_workers`` = N > 1 the root supervisor has N children
 ``grpc-worker-0`` .. ``grpc-worker-N-1`` in place of ``grpc``. Each is one
-process (`teisup.service.grpc_worker`), spawned through the instance layer's
+process (`teisup.grpc.worker`), spawned through the instance layer's
 `teisup.instances.ProcessSpawner` (the one place processes are made: parent
 death signal from its long-lived thread, the subreaper shim), so kill -9 of
 the manager takes the workers too. The child:
@@ -60,7 +60,7 @@ __all__ = ["WORKER_MODULE", "WorkerCrashed", "WorkerGroup"]
 
 logger = logging.getLogger("teisup.grpc.workers")
 
-WORKER_MODULE = "teisup.service.grpc_worker"
+WORKER_MODULE = "teisup.grpc.worker"
 """The module a worker process runs (``python -m``)."""
 
 #: Quick to come back from one crash, slower when they repeat.
@@ -121,6 +121,9 @@ class WorkerGroup:
                 partial(self.run_worker, i),
                 shutdown=self._grace + 5.0,
                 backoff=WORKER_BACKOFF,
+                # The first binds the port before the root goes on (a taken
+                # port fails the start); the others start alongside.
+                await_ready=i == 0,
             )
             for i in range(self.count)
         ]

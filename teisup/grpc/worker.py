@@ -1,4 +1,4 @@
-"""One worker process of the multiplexer: ``python -m teisup.service.grpc_worker``.
+"""One worker process of the multiplexer: ``python -m teisup.grpc.worker``.
 
 Started by the manager (`teisup.service.muxworkers`, through the instance
 layer's spawner, under the subreaper shim), it talks to the manager over its
@@ -22,15 +22,12 @@ import sys
 
 import trio
 
-from ..grpc import (
-    BackendPool,
+from ..security import AllowList, TlsError, TlsReloader
+from .feed import (
     FeedError,
     FrameDecoder,
-    Multiplexer,
-    MultiplexerService,
     Reload,
     RequestBatch,
-    RequestRecord,
     RoutingView,
     ViewSource,
     WorkerFailed,
@@ -38,8 +35,11 @@ from ..grpc import (
     WorkerSetup,
     encode_message,
 )
-from ..security import AllowList, TlsError, TlsReloader
-from .control import GrpcGate
+from .gate import GrpcGate
+from .observe import RequestRecord
+from .pool import BackendPool
+from .server import Multiplexer
+from .service import MultiplexerService
 
 __all__ = ["main", "serve_worker"]
 
