@@ -174,7 +174,7 @@ def _unary(
 ) -> Handler:
     async def handler(call: ServerCall) -> None:
         with data.observe("grpc", method):
-            await call.send(await answer(await call.receive_one()))
+            await call.answer(await answer(await call.receive_one()))
 
     return handler
 

@@ -19,12 +19,15 @@ revisiting on a bump.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.abc
 import trio
+from anyio.streams.tls import TLSStream
 from h2.connection import H2Connection
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import WindowUpdateFrame  # type: ignore[import-untyped]
@@ -152,6 +155,11 @@ class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
         super().__init__(config)
         h2_connection = self.h2_connection
         h2_connection.__class__ = _LenientH2Connection
+        # What we send is built here and in purerpc, names lower-case already
+        # (normalisation stays, for metadata a handler adds); checking every
+        # outgoing block again cost more per call than encoding it. What the
+        # peer sends is still validated.
+        h2_connection.config.validate_outbound_headers = False
         # h2 dispatches frames through bound methods it stored at creation.
         h2_connection._frame_dispatch_table[WindowUpdateFrame] = (
             h2_connection._receive_window_update_frame
@@ -196,10 +204,18 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
 
     _incoming_events: Any
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        for end in self._incoming_events:
-            end.close()
+    def __init__(self, grpc_connection: Any, stream_id: int, socket: Any, grpc_socket: Any) -> None:
+        # purerpc's GRPCStream.__init__, minus the anyio memory streams it
+        # would make only for us to close them (a cost on every call).
+        self._stream_id = stream_id
+        self._grpc_connection = grpc_connection
+        self._grpc_socket = grpc_socket
+        self._socket = socket
+        self._flow_control_update_event = anyio.Event()
+        self._response_started = False
+        self._state = GRPCStreamState.OPEN
+        self._start_stream_event = None
+        self._end_stream_event = None
         # Unbounded, as purerpc's own queue is: the HTTP/2 flow-control window
         # is what bounds how much a peer can push at us.
         send, receive = trio.open_memory_channel[Any](math.inf)
@@ -283,6 +299,8 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
                 return  # the answer is in: the rest of the request is moot
             window = connection.flow_control_window(self._stream_id)
             if window <= 0:
+                # Corked or not: the peer opens the window only once it has what we sent.
+                self._socket.write_out()
                 await self._wait_flow_control_update()
                 continue
             connection.send_data(self._stream_id, buffer.data_to_send(min(window, len(buffer))))
@@ -337,6 +355,85 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         return event
 
 
+class _Writer(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
+    """purerpc's socket wrapper, writing from the task that has something to send.
+
+    purerpc hands every write to its writer task (`flush` wakes it), so each
+    message cost a task switch, and a scheduler pass, before its bytes left.
+    Here `flush` writes at once when the socket takes it all; only what the
+    socket would not take (and anything sent while such bytes wait) is left to
+    the writer task, so the bytes keep their order. Inside `corked` nothing is
+    written until the block ends, so the frames of one message (headers,
+    data, end of stream) leave in one write. TLS streams always go through the
+    writer task (a write must pass through the TLS object).
+    """
+
+    def __init__(self, connection: Any, stream: Any) -> None:
+        super().__init__(connection, stream)
+        self._raw = (
+            None
+            if isinstance(stream, TLSStream)
+            else stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        )
+        self._flush_event: Any = self._flush_event  # set by purerpc, untyped
+        #: Bytes taken from h2 and not yet written; only the writer task writes them.
+        self._pending = b""
+        #: The task inside `corked` (its other tasks' writes are not held), and how deep.
+        self._corked_by: trio.lowlevel.Task | None = None
+        self._corked = 0
+
+    async def _writer_thread(self) -> None:
+        while True:
+            if not self._pending:
+                self._pending = self._grpc_connection.data_to_send()
+            if self._pending:
+                await self._stream.send(self._pending)
+                self._pending = b""
+            elif self._running:
+                await self._flush_event.wait()
+                self._flush_event = anyio.Event()
+            else:
+                return
+
+    async def flush(self) -> None:
+        if not self._corked or self._corked_by is not trio.lowlevel.current_task():
+            self.write_out()
+
+    def write_out(self) -> None:
+        """Write what h2 has for the peer now (corked or not), or leave it to the writer task."""
+        if self._raw is not None and not self._pending:
+            data = self._grpc_connection.data_to_send()
+            if not data:
+                return
+            try:
+                sent = self._raw.send(data)
+            except OSError:  # full (BlockingIOError), or broken: the writer task's send says so
+                sent = 0
+            if sent == len(data):
+                return
+            self._pending = data[sent:]
+        self._flush_event.set()
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold this task's writes in the block and send them together when it ends
+        (however it ends). Other tasks' writes are not held; a corked sender that
+        must wait for window writes first."""
+        task = trio.lowlevel.current_task()
+        if self._corked and self._corked_by is not task:
+            yield  # another task's block: ours would hold its writes too
+            return
+        self._corked_by = task
+        self._corked += 1
+        try:
+            yield
+        finally:
+            self._corked -= 1
+            if not self._corked:
+                self._corked_by = None
+                self.write_out()
+
+
 class TidySocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
     """One HTTP/2 gRPC connection (either side) built of `TidyStream`s.
 
@@ -352,7 +449,7 @@ class TidySocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         super().__init__(config, sock)
         self._grpc_connection = TidyConnection(config=config)
         self._grpc_connection.streams = self._streams
-        self._socket = SocketWrapper(self._grpc_connection, sock)
+        self._socket = _Writer(self._grpc_connection, sock)
 
     async def _reader_thread(self) -> None:
         await super()._reader_thread()

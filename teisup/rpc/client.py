@@ -95,10 +95,17 @@ class Channel:
                 target=self.target,
             )
         try:
-            stream = await self._start(service, method, type(request), response_type, metadata)
+            # The request's headers, message and end of stream leave in one write.
+            with self._grpc_socket._socket.corked():
+                stream = await self._start(service, method, type(request), response_type, metadata)
+                try:
+                    await stream.send_message(request)
+                    await stream.close()
+                except BaseException:
+                    if stream.end_stream_event is None:
+                        await _abandon(stream)
+                    raise
             try:
-                await stream.send_message(request)
-                await stream.close()
                 message = await stream.receive_message()
                 if message is None:
                     _raise_end(stream)

@@ -158,11 +158,22 @@ class ServerCall:
             await stream.start_response(custom_metadata=tuple(self.headers))
         await stream.send_message(message)
 
+    async def answer(self, message: Any) -> None:
+        """Send the one response of a unary call and end the call OK.
+
+        Headers, message and trailers leave in one write.
+        """
+        with self._stream._socket.corked():
+            await self.send(message)
+            await self._stream.close(_OK)
+
     async def _close(self, status: Status) -> None:
         await self._stream.close(
             purerpc.Status(purerpc.StatusCode(int(status.code)), status.message)
         )
 
+
+_OK = purerpc.Status(purerpc.StatusCode.OK, "")
 
 Handler = Callable[[ServerCall], Awaitable[None]]
 """A method's implementation: it reads and sends through the `ServerCall`; returning ends
