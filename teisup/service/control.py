@@ -55,6 +55,8 @@ class ServiceControl:
         self._gpus = gpus
         self._probe = probe
         self._root: Supervisor | None = None
+        #: Called when an instance is created or deleted (the gRPC workers' feed).
+        self.instances_changed: Callable[[], None] | None = None
 
     @property
     def root(self) -> Supervisor:
@@ -85,10 +87,14 @@ class ServiceControl:
     def on_created(self, info: InstanceInfo) -> None:
         """Count a created instance."""
         self._metrics.created.labels(info.name, info.model_id).inc()
+        if self.instances_changed is not None:
+            self.instances_changed()
 
     def on_deleted(self, name: str) -> None:
         """Count a deleted instance."""
         self._metrics.deleted.labels(name).inc()
+        if self.instances_changed is not None:
+            self.instances_changed()
 
     async def probe_now(self, name: str) -> dict[str, Any]:
         """Probe an instance once, now: whether it answered, why not, how fast."""

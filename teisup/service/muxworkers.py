@@ -11,7 +11,8 @@ the manager takes the workers too. The child:
   `teisup.grpc.RoutingView`, and is ready once the worker answers that it is
   bound (a bind error fails the start, as the in-process server's does);
 * sends a new view on every transition of the tree (subscribed before the
-  first view, so none is missed) and every ``health_interval`` seconds, and
+  first view, so none is missed), on `WorkerGroup.changed` (an instance
+  created or deleted) and every ``health_interval`` seconds, and
   `teisup.grpc.Reload` when the manager gets SIGHUP (`WorkerGroup.reload`);
 * counts every request the worker reports in the manager's metrics, so
   ``/metrics`` has the same series whichever process served a call;
@@ -105,6 +106,7 @@ class WorkerGroup:
         self._grace = grace
         self._seq = 0
         self._reloads: list[trio.MemorySendChannel[Reload]] = []
+        self._nudges: list[trio.MemorySendChannel[None]] = []
         #: Worker index -> pid of its process while it serves.
         self.pids: dict[int, int] = {}
         self._in_flight: dict[int, dict[str, int]] = {}
@@ -127,6 +129,16 @@ class WorkerGroup:
             )
             for i in range(self.count)
         ]
+
+    def changed(self) -> None:
+        """Send every worker a new view now: the instances changed without a transition
+        (one created stopped, or deleted)."""
+        for channel in list(self._nudges):
+            # Full: a view is due already, and it reads the instances when sent.
+            with contextlib.suppress(
+                trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                channel.send_nowait(None)
 
     def reload(self) -> None:
         """Have every running worker load the TLS files again."""
@@ -222,26 +234,33 @@ class WorkerGroup:
         changes: trio.MemoryReceiveChannel[Any],
         reloads: trio.MemoryReceiveChannel[Reload],
     ) -> None:
+        # One slot: whatever comes while a view is due is in that view too.
+        nudge_in, nudge_out = trio.open_memory_channel[None](1)
+        self._nudges.append(nudge_in)
+
+        async def transitions() -> None:
+            async for _ in changes:
+                with contextlib.suppress(trio.WouldBlock):
+                    nudge_in.send_nowait(None)
+
         async def views() -> None:
             interval = self._health_interval if self._health_interval > 0 else math.inf
             while True:
                 with trio.move_on_after(interval):
-                    await changes.receive()
-                # Whatever else came meanwhile is in this one view too.
-                while True:
-                    try:
-                        changes.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                    await nudge_out.receive()
                 await out.send_all(encode_message(self.view()))
 
         async def forward_reloads() -> None:
             async for message in reloads:
                 await out.send_all(encode_message(message))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(views)
-            nursery.start_soon(forward_reloads)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transitions)
+                nursery.start_soon(views)
+                nursery.start_soon(forward_reloads)
+        finally:
+            self._nudges.remove(nudge_in)
 
     async def _collect(
         self, index: int, stream: trio.abc.ReceiveStream, decoder: FrameDecoder

@@ -196,6 +196,7 @@ class Service:
             )
             if self.grpc_workers is not None:
                 group = self.grpc_workers
+                self._control.instances_changed = group.changed
                 self.metrics.in_flight = lambda name: pool.in_flight(name) + group.in_flight(name)
             grpc = (
                 [ChildSpec("grpc", self.multiplexer.run, shutdown=30.0)]

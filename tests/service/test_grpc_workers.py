@@ -190,6 +190,7 @@ async def test_every_worker_routes_by_the_view_and_metrics_count_them_all(
 
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    unknown_service = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
     async with teisup(tmp_path, env=ENV) as t:
         tree = (await t.http.get("/supervisor/tree")).json()
         ids = [c["id"] for c in tree["children"]]
@@ -231,6 +232,21 @@ async def test_every_worker_routes_by_the_view_and_metrics_count_them_all(
         assert (await t.http.post("/instances/bge-small/start")).status_code == 200
         await wait_state(t, "bge-small", "running")
         ok_calls += await trio.to_thread.run_sync(scenario)
+
+        # Deleted: every worker forgets it (no transition says so; the manager tells them).
+        assert (await t.http.post("/instances/bge-small/stop")).status_code == 200
+        await wait_state(t, "bge-small", "stopped")
+        assert (await t.http.delete("/instances/bge-small")).status_code == 204
+
+        def deleted() -> None:
+            with one_channel_per_worker(t, pids, insecure(t.grpc_port), health_check) as chosen:
+                for channel in chosen.values():
+                    watch_until(channel, "bge-small", unknown_service)
+                    unknown = info(mux_stubs, channel)
+                    assert unknown.code() == grpc.StatusCode.NOT_FOUND, unknown
+                    assert unknown.details() == "Instance 'bge-small' not found"
+
+        await trio.to_thread.run_sync(deleted)
 
         # /metrics counts the calls every worker served.
         with trio.fail_after(30):
