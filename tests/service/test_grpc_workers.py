@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 import trustme
 
@@ -411,3 +413,27 @@ async def test_sighup_reloads_the_certificate_in_every_worker(
         [new] = await trio.to_thread.run_sync(serials)
         assert new != old
         assert await t.stop() == 0
+
+
+def test_grpc_workers_defaults_to_the_cpus_at_most_8_and_reads_env_and_flag() -> None:
+    from teisup.service import ConfigError, load_config
+
+    cpus = len(os.sched_getaffinity(0))
+    assert load_config(environ={}).grpc_workers == min(cpus, 8)
+    assert load_config(environ={"TEISUP_GRPC_WORKERS": "3"}).grpc_workers == 3
+    assert load_config(environ={}, overrides={"grpc_workers": 1}).grpc_workers == 1
+    for value in ("9", "0", "two"):
+        with pytest.raises(ConfigError, match="TEISUP_GRPC_WORKERS"):
+            load_config(environ={"TEISUP_GRPC_WORKERS": value})
+
+
+def test_a_bad_grpc_workers_flag_is_refused_naming_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "teisup", "--grpc-workers", "9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "flag --grpc-workers" in done.stderr
