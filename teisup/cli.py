@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Fields a log record may carry (``extra=``) that JSON lines show, where they apply.
+LOG_FIELDS = ("event", "instance", "pid", "model_id", "state", "child")
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: timestamp, level, target, message, then the
+    record's `LOG_FIELDS` (an instance's name, pid, model id, the event)."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -81,6 +88,10 @@ class _JsonFormatter(logging.Formatter):
             "target": record.name,
             "message": record.getMessage(),
         }
+        for name in LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

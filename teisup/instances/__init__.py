@@ -1,7 +1,7 @@
 """The instances layer: TEI (or the embedded backend) as supervised OS processes.
 
 `InstanceManager` is the front door; `InstanceRunner` is one instance's
-supervised worker; `spec`, `launch`, `health` are pure; `process`, `ports`,
+supervised worker; `spec`, `launch`, `health`, `startup` are pure; `process`, `ports`,
 `gpus`, `logs` are the thin I/O edges (each with a seam for tests).
 """
 
@@ -31,7 +31,7 @@ from .process import (
     sweep_leftovers,
     wait_for_exit,
 )
-from .runner import InstanceRunner, Probe, RunStatus
+from .runner import InstanceRunner, PhaseListener, Probe, RunStatus
 from .spec import (
     MAX_SECONDS,
     NAME_PATTERN,
@@ -40,6 +40,7 @@ from .spec import (
     check_bounds,
     spec_from_dict,
 )
+from .startup import Phase
 
 __all__ = [
     "INSTANCE_MARKER",
@@ -65,6 +66,8 @@ __all__ = [
     "LauncherError",
     "LogLine",
     "MaxInstancesReached",
+    "Phase",
+    "PhaseListener",
     "NvmlReader",
     "PortAllocator",
     "PortOwner",

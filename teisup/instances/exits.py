@@ -16,7 +16,7 @@ import msgspec
 
 from ..supervision import ExitKind, ExitReason
 
-__all__ = ["ExitCause", "InstanceExit"]
+__all__ = ["ExitCause", "InstanceExit", "signal_name"]
 
 
 class ExitCause(enum.Enum):
@@ -26,6 +26,9 @@ class ExitCause(enum.Enum):
     EXITED = "exited"
     #: The process exited by itself with a non-zero status.
     CRASHED = "crashed"
+    #: The process exited by itself with an error it says retrying cannot
+    #: fix (a model not available offline, a bad flag): not restarted.
+    PERMANENT_ERROR = "permanent_error"
     #: The process was killed by a signal nobody in teisup sent.
     KILLED = "killed"
     #: Too many consecutive failed health checks once ready: killed.
@@ -43,6 +46,11 @@ class ExitCause(enum.Enum):
     SPAWN_FAILED = "spawn_failed"
     #: The runner itself failed (a bug): the group was killed.
     ERROR = "error"
+
+    @property
+    def failed(self) -> bool:
+        """Whether a run that ended so went wrong (not an exit 0, a stop or a cancel)."""
+        return self not in (ExitCause.EXITED, ExitCause.STOPPED, ExitCause.CANCELLED)
 
 
 _KINDS = {
@@ -63,22 +71,26 @@ class InstanceExit(msgspec.Struct, frozen=True):
     signal: int | None = None
     #: The port it could not have (`ExitCause.PORT_TAKEN`).
     port: int | None = None
+    #: The process's own error line, when it printed one (see
+    #: `teisup.instances.startup.summarize_error`).
+    error: str = ""
 
     @classmethod
-    def of_returncode(cls, returncode: int, last_words: str = "") -> InstanceExit:
-        """The exit of a process that ended by itself (``Popen.returncode``)."""
+    def of_returncode(cls, returncode: int, error: str = "") -> InstanceExit:
+        """The exit of a process that ended by itself (``Popen.returncode``),
+        with the line it died of."""
         if returncode == 0:
             return cls(ExitCause.EXITED, "exited with code 0", status=0)
         if returncode < 0:
-            try:
-                name = signal.Signals(-returncode).name
-            except ValueError:
-                name = f"signal {-returncode}"
-            return cls(ExitCause.KILLED, _with(f"killed by {name}", last_words), signal=-returncode)
+            name = signal_name(-returncode)
+            return cls(
+                ExitCause.KILLED, _with(f"killed by {name}", error), signal=-returncode, error=error
+            )
         return cls(
             ExitCause.CRASHED,
-            _with(f"exited with code {returncode}", last_words),
+            _with(f"exited with code {returncode}", error),
             status=returncode,
+            error=error,
         )
 
     @property
@@ -88,8 +100,16 @@ class InstanceExit(msgspec.Struct, frozen=True):
 
     def reason(self) -> ExitReason:
         """The `ExitReason` the supervisor records for this run."""
-        return ExitReason(self.kind, self.detail)
+        return ExitReason(self.kind, self.detail, permanent=self.cause is ExitCause.PERMANENT_ERROR)
 
 
-def _with(what: str, last_words: str) -> str:
-    return f"{what}; last output: {last_words}" if last_words else what
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 77`` for a number without a name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _with(what: str, error: str) -> str:
+    return f"{what}: {error}" if error else what

@@ -44,7 +44,7 @@ from ..supervision import (
     TreeNode,
     UnknownChildError,
 )
-from .exits import InstanceExit
+from .exits import InstanceExit, signal_name
 from .gpus import NvmlReader, validate_gpu_id
 from .health import HealthSettings
 from .identity import PortOwnerCheck, proc_port_owner
@@ -53,8 +53,9 @@ from .logs import InstanceLog, LogLine
 from .ports import PortAllocator, PortError, Ports
 from .probe import served_model_id
 from .process import ProcessSpawner, sweep_leftovers
-from .runner import InstanceRunner, ModelCheck, Probe, ProbeListener, RunStatus
+from .runner import InstanceRunner, ModelCheck, PhaseListener, Probe, ProbeListener, RunStatus
 from .spec import InstanceSpec, RestartPolicy
+from .startup import Phase
 
 __all__ = [
     "Desired",
@@ -124,9 +125,22 @@ class InstanceInfo(msgspec.Struct, frozen=True):
     restarts_in_window: int
     next_restart_in: float | None
     last_exit: ExitReason | None
+    #: The line an operator should read: what the last run died of (its own
+    #: error line), or the failing health check of a running instance.
     last_error: str | None
     desired: Desired
     spec: InstanceSpec
+    #: Where the current run is on its way to serving (None: no process runs).
+    phase: Phase | None = None
+    #: Seconds since the current run was spawned.
+    phase_elapsed_secs: float | None = None
+    #: A download's percentage, when the instance prints one.
+    phase_progress: float | None = None
+    #: When the last run ended (RFC 3339), with its exit status or the
+    #: signal that killed it when it exited by itself.
+    last_exit_at: str | None = None
+    last_exit_code: int | None = None
+    last_exit_signal: str | None = None
 
 
 @dataclass
@@ -223,6 +237,7 @@ class InstanceManager:
         base_env: Mapping[str, str] | None = None,
         default_restart: RestartPolicy | None = None,
         on_probe: ProbeListener | None = None,
+        on_phase: PhaseListener | None = None,
         port_owner: PortOwnerCheck = proc_port_owner,
         model_check: ModelCheck | None = served_model_id,
     ) -> None:
@@ -238,12 +253,19 @@ class InstanceManager:
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.default_restart = default_restart or RestartPolicy()
         self.on_probe = on_probe
+        self.on_phase = on_phase
         self.port_owner = port_owner
         self.model_check = model_check
         # Instances are independent: at shutdown they all get SIGTERM at once,
         # so stopping N of them takes the longest grace, not the sum.
+        # An instance's transitions are news to an operator: INFO, tagged.
         self.supervisor = Supervisor(
-            "instances", intensity=None, max_children=max_instances, parallel_shutdown=True
+            "instances",
+            intensity=None,
+            max_children=max_instances,
+            parallel_shutdown=True,
+            transition_log_level=logging.INFO,
+            child_label="instance",
         )
         self._instances: dict[str, _Instance] = {}
         # Lifecycle calls are serial and run to completion even if their caller
@@ -484,6 +506,7 @@ class InstanceManager:
         instance = self._require(name)
         node = nodes.get(name)
         spec, status = instance.spec, instance.status
+        ended = status.last_exit
         return InstanceInfo(
             name=name,
             model_id=spec.model_id,
@@ -512,6 +535,14 @@ class InstanceManager:
             last_error=status.last_error or None,
             desired=instance.desired,
             spec=spec,
+            phase=status.phase,
+            phase_elapsed_secs=(
+                round(trio.current_time() - status.spawned_at, 3) if status.phase else None
+            ),
+            phase_progress=status.progress,
+            last_exit_at=_rfc3339(status.exited_at) if status.exited_at else None,
+            last_exit_code=ended.status if ended else None,
+            last_exit_signal=signal_name(ended.signal) if ended and ended.signal else None,
         )
 
     def all(self) -> list[InstanceInfo]:
@@ -578,6 +609,7 @@ class InstanceManager:
             base_env=self.base_env,
             status=instance.status,
             on_probe=self.on_probe,
+            on_phase=self.on_phase,
             port_owner=self.port_owner,
             model_check=self.model_check,
             reassign=lambda: self._reassign(instance),

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from ..supervision import ChildContext, ExitReason
+from ..supervision import ChildContext, ExitKind, ExitReason
 from .exits import ExitCause, InstanceExit
 from .health import HealthPolicy, HealthSettings, Verdict
 from .identity import PortOwner, PortOwnerCheck, proc_port_owner
@@ -52,10 +52,13 @@ from .logs import InstanceLog, LogLine, is_ready_line, pump
 from .ports import PortError, Ports
 from .process import ProcessSpawner, kill_group, kill_tree, wait_for_exit
 from .spec import InstanceSpec
+from .startup import Phase, summarize_error
+from .startup import classify as classify_line
 
 __all__ = [
     "InstanceRunner",
     "ModelCheck",
+    "PhaseListener",
     "Probe",
     "ProbeListener",
     "Reassign",
@@ -75,6 +78,8 @@ ProbeListener = Callable[[str, float, bool, bool], None]
 #: serves, or None when it does not answer. The identity check where the
 #: kernel's socket tables cannot be read.
 ModelCheck = Callable[[str, int, float], Awaitable[str | None]]
+#: ``listener(instance, phase)``, called as a run enters each start-up phase.
+PhaseListener = Callable[[str, Phase], None]
 #: Called when a run ended because its port is taken: the instance's new
 #: ports, or None when its port was set by the user and must not change;
 #: raises `PortError` when no other port is free.
@@ -113,15 +118,40 @@ class RunStatus:
     pid: int | None = None
     health_check_failures: int = 0
     last_health_check: float | None = None  # wall-clock seconds of the last success
+    #: The error an operator should read: the line the process died of (kept
+    #: after the run, until a run is ready), or a failed health check's.
     last_error: str = ""
+    #: The current run's start-up phase (None when no process runs), when it
+    #: began and when the run was spawned (both on the runner's clock), and a
+    #: download's percentage.
+    phase: Phase | None = None
+    phase_since: float = 0.0
+    spawned_at: float = 0.0
+    progress: float | None = None
+    #: Wall-clock seconds at which the last run ended.
+    exited_at: float | None = None
     #: How the last run ended (kept here too: a temporary instance's child
     #: record disappears from the supervisor when it exits).
     last_exit: InstanceExit | None = None
 
 
 def describe_exit(returncode: int, log: InstanceLog) -> InstanceExit:
-    """How a process that exited by itself ended, with its last words."""
-    return InstanceExit.of_returncode(returncode, last_words(log) if returncode else "")
+    """How a process that exited by itself ended, with the line it died of.
+
+    A process that says retrying cannot help (`summarize_error`) ends with
+    `ExitCause.PERMANENT_ERROR`, which is not restarted.
+    """
+    if not returncode:
+        return InstanceExit.of_returncode(returncode)
+    summary = summarize_error(_messages(log), status=returncode)
+    exit = InstanceExit.of_returncode(returncode, summary.text if summary else "")
+    if summary is not None and summary.permanent and exit.cause is ExitCause.CRASHED:
+        return msgspec.structs.replace(exit, cause=ExitCause.PERMANENT_ERROR)
+    return exit
+
+
+def _messages(log: InstanceLog, lines: int = 50) -> list[str]:
+    return [line.message if line.message is not None else line.text for line in log.tail(lines)]
 
 
 def last_words(log: InstanceLog, lines: int = 3) -> str:
@@ -166,6 +196,7 @@ class InstanceRunner:
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] | None = None,
         on_probe: ProbeListener | None = None,
+        on_phase: PhaseListener | None = None,
         port_owner: PortOwnerCheck = proc_port_owner,
         model_check: ModelCheck | None = None,
         reassign: Reassign | None = None,
@@ -185,6 +216,7 @@ class InstanceRunner:
         self._clock = clock
         self._wall_clock = wall_clock or time.time
         self._on_probe = on_probe
+        self._on_phase = on_phase
         self._port_owner = port_owner
         self._model_check = model_check
         self._reassign = reassign
@@ -197,16 +229,20 @@ class InstanceRunner:
             self.status.restarts += 1
         self.status.start_requested = False
         self.status.health_check_failures = 0
-        self.status.last_error = ""
         try:
             process = await self.spawner.spawn(argv, env)
         except OSError as exc:
             detail = f"cannot start {argv[0]!r}: {exc}"
             self.status.last_exit = InstanceExit(ExitCause.SPAWN_FAILED, detail)
+            self.status.last_error = detail
+            self.status.exited_at = self._wall_clock()
             raise RuntimeError(detail) from exc
         self.status.pid = process.pid
         ctx.report_pid(process.pid)
-        logger.info("instance %s: started pid %d: %s", spec.name, process.pid, " ".join(argv))
+        now = self._clock()
+        self.status.spawned_at = now
+        self._enter(Phase.SPAWNED, now)
+        self._log(logging.INFO, "spawned", "started pid %d: %s", process.pid, " ".join(argv))
         exit: InstanceExit | None = None
         try:
             exit = await self._supervise(ctx, process)
@@ -220,8 +256,48 @@ class InstanceRunner:
             with trio.CancelScope(shield=True):
                 await self._make_sure_it_is_gone(process)
             self.status.pid = None
-            self.status.last_error = ""
+            self.status.phase = None
+            self.status.progress = None
+            self.status.exited_at = self._wall_clock()
             self.status.last_exit = exit or InstanceExit(ExitCause.CANCELLED, "cancelled")
+            if exit is not None and exit.kind is not ExitKind.SHUTDOWN and exit.cause.failed:
+                self.status.last_error = exit.error or exit.detail
+
+    def _log(self, level: int, event: str, message: str, *args: object) -> None:
+        """A log record about this instance, with its fields for structured logs."""
+        fields: dict[str, object] = {
+            "event": event,
+            "instance": self.spec.name,
+            "model_id": self.spec.model_id,
+        }
+        if self.status.pid is not None:
+            fields["pid"] = self.status.pid
+        logger.log(level, "instance %s: " + message, self.spec.name, *args, extra=fields)
+
+    def _enter(self, phase: Phase, now: float, progress: float | None = None) -> None:
+        status = self.status
+        status.phase, status.phase_since, status.progress = phase, now, progress
+        if self._on_phase is not None:
+            self._on_phase(self.spec.name, phase)
+
+    def _on_startup_line(self, line: LogLine) -> None:
+        """Follow the start-up phases in the process's own lines, and tell the operator."""
+        status = self.status
+        if status.phase in (None, Phase.READY):
+            return
+        seen = classify_line(line.text, line.message)
+        if seen is None or seen.phase is Phase.READY:
+            return  # readiness is the health check's to declare
+        said = line.message if line.message is not None else line.text
+        if seen.phase is not status.phase:
+            self._enter(seen.phase, self._clock(), seen.progress)
+        elif seen.progress is not None:
+            # A progress bar prints many lines: tell every tenth percent only.
+            before = status.progress or 0.0
+            status.progress = seen.progress
+            if int(seen.progress // 10) == int(before // 10):
+                return
+        self._log(logging.INFO, seen.phase.value, "%s", said.strip())
 
     def _move_port(self, exit: InstanceExit) -> InstanceExit:
         """A fresh port for the next run, unless the user chose this one."""
@@ -262,6 +338,8 @@ class InstanceRunner:
         def on_line(line: LogLine) -> None:
             if is_ready_line(line):
                 wake_send.send_nowait(Wake.READY_LINE)
+            else:
+                self._on_startup_line(line)
 
         async def watch_exit() -> None:
             nonlocal returncode
@@ -383,12 +461,19 @@ class InstanceRunner:
                 self.status.health_check_failures = 0
                 self.status.last_health_check = self._wall_clock()
             elif policy.ready:
+                # Failed polls before readiness are the normal wait, no error.
                 self.status.health_check_failures = policy.consecutive_failures
-            self.status.last_error = error or ""
+                self.status.last_error = error
             if verdict is Verdict.READY:
-                logger.info("instance %s: ready on port %d", spec.name, self.ports.port)
+                self.status.last_error = ""
+                took = now - self.status.spawned_at
+                self._enter(Phase.READY, now)
+                self._log(
+                    logging.INFO, "ready", "ready on port %d after %.1fs", self.ports.port, took
+                )
                 ctx.started(pid=process.pid)
             elif verdict is Verdict.HEALTHY:
+                self.status.last_error = ""
                 ctx.report_health(True, "health check answered")
             elif verdict is Verdict.DEGRADED:
                 ctx.report_health(
@@ -403,11 +488,11 @@ class InstanceRunner:
                 )
             elif verdict is Verdict.STARTUP_TIMEOUT:
                 await self._kill(process, exited)
-                tail = last_words(self.log)
+                phase = self.status.phase.value if self.status.phase else "starting"
                 return InstanceExit(
                     ExitCause.STARTUP_TIMEOUT,
-                    f"not ready within {spec.startup_timeout_secs:g}s (last probe: {error})"
-                    + (f"; last output: {tail}" if tail else ""),
+                    f"not ready within {spec.startup_timeout_secs:g}s, still {phase} "
+                    f"(last probe: {error})",
                 )
 
     async def _stop(self, process: subprocess.Popen[bytes], exited: trio.Event) -> InstanceExit:

@@ -82,6 +82,9 @@ class ExitReason(msgspec.Struct, frozen=True):
 
     kind: ExitKind
     detail: str = ""
+    #: The child itself says running it again cannot help (a model that is
+    #: not on the machine, a bad flag): no restart, whatever its type allows.
+    permanent: bool = False
 
     @classmethod
     def normal(cls, detail: str = "") -> ExitReason:
@@ -215,10 +218,16 @@ class RestartWindow:
             self._times.popleft()
 
     def record(self, now: float) -> bool:
-        """Count a restart at ``now``; False when that exceeds the intensity."""
+        """Count a restart at ``now``; False when that exceeds the intensity.
+
+        A refused restart is not kept: the count is always of restarts that
+        happened, so "gave up after N restarts" and the count agree.
+        """
         self._expire(now)
+        if len(self._times) >= self.intensity.max_restarts:
+            return False
         self._times.append(now)
-        return len(self._times) <= self.intensity.max_restarts
+        return True
 
     def count(self, now: float) -> int:
         """Restarts within the window ending at ``now``."""
@@ -243,10 +252,12 @@ class NoRestart(msgspec.Struct, frozen=True):
 
 
 class GiveUp(msgspec.Struct, frozen=True):
-    """The child's own intensity is exceeded: stop trying until told to start."""
+    """The child's own intensity is exceeded, or its exit says retrying cannot
+    help (``permanent``): stop trying until told to start."""
 
     restarts: int
     period: float
+    permanent: bool = False
 
 
 RestartDecision = Restart | NoRestart | GiveUp
@@ -293,6 +304,9 @@ class RestartTracker:
         """
         if not should_restart(self.restart, exit.kind):
             return NoRestart(f"{self.restart.value} child exited ({exit})")
+        if exit.permanent:
+            period = self._window.intensity.period
+            return GiveUp(restarts=self._window.count(now), period=period, permanent=True)
         if ran_for >= self.backoff.reset_after:
             self._streak = 0
         if not self._window.record(now):

@@ -135,6 +135,11 @@ class Supervisor:
     independent dynamic children, as OTP's ``simple_one_for_one``, which
     terminates its children asynchronously. Group restarts stay serial.
 
+    Its children's transitions are logged at ``transition_log_level`` (DEBUG
+    by default: the tree's internal workers are no news to an operator), each
+    record carrying ``event="transition"``, the new ``state``, the ``pid``
+    when there is one, and the child's id under the key ``child_label``.
+
     A supervisor can run again after it stopped (its parent restarts it that
     way); each run starts from the children given here. Children added with
     `start_child` are lost then, as in OTP. Subscribe to the events of a tree
@@ -150,8 +155,12 @@ class Supervisor:
         intensity: Intensity | None = DEFAULT_INTENSITY,
         max_children: int | None = None,
         parallel_shutdown: bool = False,
+        transition_log_level: int = logging.DEBUG,
+        child_label: str = "child",
     ) -> None:
         self.id = validate_id(id)
+        self._transition_log_level = transition_log_level
+        self._child_label = child_label
         self.strategy = Strategy(strategy)
         self.intensity = intensity
         if max_children is not None and max_children < 0:
@@ -455,7 +464,22 @@ class Supervisor:
     def _fire(self, child: Child, trigger: Trigger, reason: str) -> None:
         old, new = child.lifecycle.fire(trigger)
         path = (*self._path, child.id)
-        logger.info("%s: %s -> %s (%s)", "/".join(path), old.value, new.value, reason)
+        fields: dict[str, object] = {
+            "event": "transition",
+            self._child_label: child.id,
+            "state": new.value,
+        }
+        if child.pid is not None:
+            fields["pid"] = child.pid
+        logger.log(
+            self._transition_log_level,
+            "%s: %s -> %s (%s)",
+            "/".join(path),
+            old.value,
+            new.value,
+            reason,
+            extra=fields,
+        )
         self._bus.publish(TransitionEvent(path, old, new, reason, trio.current_time()))
 
     def _settle_exit(self, child: Child, exit: ExitReason, trigger: Trigger, reason: str) -> None:
@@ -642,12 +666,12 @@ class Supervisor:
             return
         assert not isinstance(decision, NoRestart)  # plan_restart applied the same rule
         if isinstance(decision, GiveUp):
-            self._settle_exit(
-                child,
-                exit,
-                Trigger.GAVE_UP,
-                f"{exit}; gave up after {decision.restarts} restarts within {decision.period}s",
+            why = (
+                "not restarted: the error is permanent"
+                if decision.permanent
+                else f"gave up after {decision.restarts} restarts within {decision.period}s"
             )
+            self._settle_exit(child, exit, Trigger.GAVE_UP, f"{exit}; {why}")
             return
         if self._window is not None and not self._window.record(now):
             assert self.intensity is not None

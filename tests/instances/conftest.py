@@ -23,6 +23,7 @@ from teisup.instances import (
 )
 from teisup.instances.identity import PortOwnerCheck, proc_port_owner
 from teisup.instances.probe import grpc_health_probe
+from teisup.instances.runner import PhaseListener
 
 FAKE_TEI = [sys.executable, str(Path(__file__).resolve().parents[1] / "fake_tei.py")]
 
@@ -49,13 +50,15 @@ async def running_manager(
     gpus: FakeNvml | None = None,
     port_owner: PortOwnerCheck = proc_port_owner,
     supervise: bool = True,
+    launcher: list[str] | None = None,
+    on_phase: PhaseListener | None = None,
 ) -> AsyncIterator[InstanceManager]:
     """A manager of the TEI double; ``supervise=False`` leaves running its
     supervisor (in a tree of the test's own) to the test."""
     instance_ports, prometheus_ports = port_ranges()
     async with ProcessSpawner() as spawner:
         manager = InstanceManager(
-            launcher=FAKE_TEI,
+            launcher=launcher or FAKE_TEI,
             manager_id=manager_id or f"test-{uuid.uuid4()}",
             spawner=spawner,
             ports=PortAllocator(instance_ports=instance_ports, prometheus_ports=prometheus_ports),
@@ -65,6 +68,7 @@ async def running_manager(
             log_dir=log_dir,
             base_env={**os.environ, **(env or {})},
             port_owner=port_owner,
+            on_phase=on_phase,
         )
         async with trio.open_nursery() as nursery:
             if supervise:

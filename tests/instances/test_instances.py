@@ -110,8 +110,15 @@ async def test_a_model_that_cannot_load_ends_failed_with_the_reason(tmp_path: Pa
             assert info.status == ChildState.FAILED
             assert info.restarts == 2  # three runs in all
             assert info.last_exit is not None
-            assert "Could not download model artifacts" in info.last_exit.detail
-            assert "gave up after 3 restarts" in failed.reason
+            # The process's own words: the cause, not the context around it.
+            cause = "request error: BAAI/bge-small-en-v1.5 is not a valid model id"
+            assert info.last_exit.detail.startswith(f"exited with code 1: {cause}")
+            assert info.last_error is not None
+            assert info.last_error.startswith(cause)
+            assert (info.last_exit_code, info.last_exit_signal) == (1, None)
+            assert info.last_exit_at is not None
+            assert info.restarts_in_window == info.restarts
+            assert "gave up after 2 restarts" in failed.reason
             assert info.pid is None
             # Starting it again is the way out of failed, with a clean history.
             with manager.supervisor.events.subscribe() as events:

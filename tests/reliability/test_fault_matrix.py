@@ -129,7 +129,8 @@ async def test_fault_02_04_a_start_up_crash_loop_ends_failed_and_touches_nobody(
         failed = await t.wait_state("broken", "failed")
         assert (failed["pid"], failed["restarts"]) == (None, 2), failed
         # Why, in the process's own words, and that it gave up.
-        assert "Could not download model artifacts" in str(failed["last_exit"]), failed
+        assert "is not a valid model id" in str(failed["last_exit"]), failed
+        assert "is not a valid model id" in failed["last_error"], failed
         # Absurd numbers are refused by name, before anything runs (issue 11 item 1:
         # this backoff overflowed inside the instances supervisor and took every
         # instance down).

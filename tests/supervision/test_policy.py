@@ -121,7 +121,7 @@ def test_tracker_gives_up_past_its_own_intensity() -> None:
     tracker = RestartTracker(P, Backoff(initial=0.0), Intensity(max_restarts=2, period=60.0))
     assert isinstance(tracker.decide(CRASH, now=0.0, ran_for=0.0), Restart)
     assert isinstance(tracker.decide(CRASH, now=1.0, ran_for=0.0), Restart)
-    assert tracker.decide(CRASH, now=2.0, ran_for=0.0) == GiveUp(restarts=3, period=60.0)
+    assert tracker.decide(CRASH, now=2.0, ran_for=0.0) == GiveUp(restarts=2, period=60.0)
     tracker.reset()
     assert tracker.streak == 0
     assert tracker.restarts_in_window(2.0) == 0
@@ -141,3 +141,13 @@ def test_tracker_says_no_restart_when_the_type_forbids_it() -> None:
 def test_exit_reason_text() -> None:
     assert str(ExitReason.normal()) == "normal"
     assert str(ExitReason.abnormal("exit code 3")) == "abnormal: exit code 3"
+
+
+def test_a_permanent_error_is_not_retried_and_spends_no_budget() -> None:
+    tracker = RestartTracker(P, Backoff(initial=0.0), Intensity(max_restarts=5, period=60.0))
+    assert isinstance(tracker.decide(CRASH, now=0.0, ran_for=0.0), Restart)
+    hopeless = ExitReason(ExitKind.ABNORMAL, "model not available offline", permanent=True)
+    assert tracker.decide(hopeless, now=1.0, ran_for=0.0) == GiveUp(
+        restarts=1, period=60.0, permanent=True
+    )
+    assert tracker.restarts_in_window(1.0) == 1
