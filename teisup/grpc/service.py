@@ -123,6 +123,11 @@ class MultiplexerService:
                 last_picked=self._last_picked,
             )
         except RoutingError as exc:
+            named = target.instance_name if target is not None else ""
+            current = current_request()
+            if current is not None and named in records:
+                # A request that named an existing instance is counted against it.
+                current.instance = named
             raise status_error(exc.code, exc.message) from None
         self._picks += 1
         self._last_picked[name] = self._picks

@@ -11,14 +11,23 @@ instance and status code, their latency, calls in flight per instance, and
 rows per Arrow request.
 
 Values that are state (instance states, backoff, GPUs) are read at scrape
-time by a collector, so they can never drift from the truth.
+time by a collector, so they can never drift from the truth. No counter or
+histogram has a ``_created`` series: they double the output and no dashboard
+reads them. docs/METRICS.md lists every series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,12 +40,17 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# A process-wide switch of prometheus_client (as PROMETHEUS_DISABLE_CREATED_SERIES
+# is): teisup's registries are the only ones it serves.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 
 #: The ``reason`` label of ``teisup_instance_restarts_by_reason`` for each cause.
 #: A port taken by another process counts as the crash it is (or would be).
 RESTART_REASONS: Mapping[ExitCause, str] = {
     ExitCause.EXITED: "exit",
     ExitCause.CRASHED: "crash",
+    ExitCause.PERMANENT_ERROR: "crash",
     ExitCause.KILLED: "signal",
     ExitCause.UNHEALTHY: "unhealthy",
     ExitCause.STARTUP_TIMEOUT: "startup_timeout",
@@ -68,7 +82,8 @@ class Metrics:
         r = self.registry
         self.created = Counter(
             "tei_manager_instances_created",
-            "Instances created",
+            "Instances created: by the API, from the configuration and the packaged default "
+            "(instances restored from the state file are not new)",
             ["instance", "model"],
             registry=r,
         )
@@ -96,7 +111,8 @@ class Metrics:
         )
         self.probe_seconds = Histogram(
             "teisup_health_check_duration_seconds",
-            "Health check latency",
+            "Health check latency; outcome ok, failed (a ready instance did not answer) or "
+            "not_ready (a poll while it starts)",
             ["instance", "outcome"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
@@ -160,7 +176,10 @@ class Metrics:
             self.restarts_by_reason.labels(event.child_id, reason).inc()
 
     def on_probe(self, instance: str, seconds: float, ok: bool, ready: bool) -> None:
-        self.probe_seconds.labels(instance, "ok" if ok else "failed").observe(seconds)
+        """Time one probe; only a ready instance's failed probe is a failed health check
+        (a start-up poll that finds nothing listening yet is the normal wait)."""
+        outcome = "ok" if ok else "failed" if ready else "not_ready"
+        self.probe_seconds.labels(instance, outcome).observe(seconds)
         if ready and not ok:
             self.health_failures.labels(instance).inc()
 

@@ -40,29 +40,56 @@ def load(store: StateStore, metrics: Metrics) -> Snapshot:
 
 
 def take_back(
-    manager: InstanceManager, config: ManagerConfig, snapshot: Snapshot, *, embedded: bool
+    manager: InstanceManager,
+    config: ManagerConfig,
+    snapshot: Snapshot,
+    *,
+    embedded: bool,
+    state_file: str | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
-    """Register saved instances, then config seeds not in the state file, then the default."""
+    """Register saved instances, then config seeds not in the state file, then the default.
+
+    Logs one line naming ``state_file`` and what was restored in which
+    desired state; counts the seeds and the default as created in ``metrics``.
+    """
+    restored: dict[str, int] = {}
     for saved in snapshot.instances:
         desired = Desired(saved.desired)
         if not config.auto_restore_on_restart:
             desired = Desired.STOPPED
-        _register(manager, spec_of(saved), saved, desired)
+        if _register(manager, spec_of(saved), saved, desired):
+            restored[desired.value] = restored.get(desired.value, 0) + 1
+    if state_file is not None:
+        total = sum(restored.values())
+        states = ", ".join(f"{n} {state}" for state, n in sorted(restored.items()))
+        logger.info(
+            "state file %s: %s",
+            state_file,
+            f"restored {total} instance{'s' if total != 1 else ''} ({states})"
+            if total
+            else "no saved instances",
+        )
+    new: list[InstanceSpec] = []
     for seed in config.instances:
-        if seed.name not in manager.names():
-            _register(manager, seed, None, Desired.RUNNING)
+        if seed.name not in manager.names() and _register(manager, seed, None, Desired.RUNNING):
+            new.append(seed)
     if not manager.names() and embedded and config.default_instance:
         logger.info(
             "no instances configured or saved: starting %r (%s) on the embedded backend",
             DEFAULT_INSTANCE.name,
             DEFAULT_INSTANCE.model_id,
         )
-        _register(manager, DEFAULT_INSTANCE, None, Desired.RUNNING)
+        if _register(manager, DEFAULT_INSTANCE, None, Desired.RUNNING):
+            new.append(DEFAULT_INSTANCE)
+    if metrics is not None:
+        for spec in new:
+            metrics.created.labels(spec.name, spec.model_id).inc()
 
 
 def _register(
     manager: InstanceManager, spec: InstanceSpec, saved: SavedInstance | None, desired: Desired
-) -> None:
+) -> bool:
     try:
         manager.register(
             spec,
@@ -74,6 +101,8 @@ def _register(
         )
     except (ValueError, LookupError) as exc:
         logger.error("cannot take back instance %r: %s", spec.name, exc)
+        return False
+    return True
 
 
 def collect(manager: InstanceManager) -> list[SavedInstance]:

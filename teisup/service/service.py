@@ -166,6 +166,8 @@ class Service:
                 config,
                 restore.load(self.store, self.metrics),
                 embedded=self.launcher[1:] == ["-m", "teisup.embedded"],
+                state_file=str(self.store.path),
+                metrics=self.metrics,
             )
             pool = wiring.backend_pool(config)
             self.metrics.in_flight = pool.in_flight
