@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from teisup.instances import (
 )
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from teisup.rpc import RpcStatusError
-from teisup.service import ManagerConfig, SavedInstance, Snapshot
+from teisup.service import ManagerConfig, SavedInstance, Snapshot, StateStatus
 from teisup.service.metrics import Metrics
 from teisup.service.restore import take_back
 from teisup.supervision import ChildState, TransitionEvent
@@ -205,3 +207,46 @@ async def test_every_instance_is_counted_created_and_the_restore_is_told(
     assert 'instance="old"' not in text
     said = [r.getMessage() for r in caplog.records]
     assert f"state file {state}: restored 2 instances (1 running, 1 stopped)" in said
+
+
+ROOT = Path(__file__).resolve().parents[2]
+_SERIES = re.compile(r"\b(?:tei_manager|teisup)_[a-z_]+\b")
+
+
+def served_series() -> tuple[set[str], set[str]]:
+    """(names as the doc lists them, every sample name /metrics can serve)."""
+    metrics = Metrics(instances=list, gpus=list)
+    metrics.state_status = lambda: StateStatus(durable=True)
+    listed, samples = set(), set()
+    for family in metrics.registry.collect():
+        if family.type == "counter":
+            listed.add(f"{family.name}_total")
+            samples.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            listed.add(family.name)
+            samples.update(f"{family.name}{end}" for end in ("_bucket", "_sum", "_count"))
+        else:
+            listed.add(family.name)
+            samples.add(family.name)
+    return listed, samples
+
+
+def test_every_served_series_is_in_the_metrics_doc() -> None:
+    doc = (ROOT / "docs" / "METRICS.md").read_text()
+    listed, samples = served_series()
+    in_doc = set(_SERIES.findall(doc))
+    assert listed - in_doc == set(), "served but not in docs/METRICS.md"
+    assert in_doc - listed - samples == set(), "in docs/METRICS.md but never served"
+
+
+def test_the_grafana_dashboard_queries_served_series() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs
+    used = {name for expr in exprs for name in _SERIES.findall(expr)}
+    _, samples = served_series()
+    assert used - samples == set(), "the dashboard queries series teisup does not serve"
+    # Every family appears on it somewhere.
+    listed, _ = served_series()
+    bases = used | {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
+    assert listed - bases == set(), "series the dashboard leaves out"
