@@ -17,7 +17,14 @@ from . import __version__
 from .instances import LauncherError, resolve_launcher
 from .security import TlsError
 from .security import validate as validate_tls
-from .service import ConfigError, ManagerConfig, Service, load_config
+from .service import (
+    ENVIRONMENT,
+    TLS_ENVIRONMENT,
+    ConfigError,
+    ManagerConfig,
+    Service,
+    load_config,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -36,9 +43,18 @@ LOG_LEVELS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    variables = {**ENVIRONMENT, **{var: f"tls.{key}" for var, key in TLS_ENVIRONMENT.items()}}
+    width = max(map(len, variables))
+    epilog = (
+        "environment variables (override the config file; flags override them):\n"
+        + "\n".join(f"  {var:<{width}}  {key}" for var, key in variables.items())
+        + "\n\nEvery key, variable and flag with its default: docs/CONFIGURATION.md"
+    )
     parser = argparse.ArgumentParser(
         prog="teisup",
         description="Run and supervise HuggingFace Text Embeddings Inference instances.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"teisup {__version__}")
     parser.add_argument(

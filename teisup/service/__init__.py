@@ -8,7 +8,7 @@ see (`ServiceControl`, `GrpcGate`). State snapshots: `StateStore`
 (`state.py`) and `StateWriter` (`writer.py`). Other packages import from here.
 """
 
-from .config import ConfigError, ManagerConfig, load_config
+from .config import ENVIRONMENT, TLS_ENVIRONMENT, ConfigError, ManagerConfig, load_config
 from .control import GrpcGate, ServiceControl
 from .metrics import Metrics
 from .service import Service
@@ -16,6 +16,8 @@ from .state import CorruptState, LoadResult, SavedInstance, Snapshot, StateStore
 from .writer import RetrySchedule, StateStatus, StateWriter
 
 __all__ = [
+    "ENVIRONMENT",
+    "TLS_ENVIRONMENT",
     "ConfigError",
     "CorruptState",
     "GrpcGate",
