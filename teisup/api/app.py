@@ -39,7 +39,7 @@ from ..supervision import ChildState, Supervisor, TransitionEvent
 from .dataplane import add_data_plane
 from .errors import Error
 from .jsonbody import JsonTooDeep, decode_json
-from .openapi import MAX_WAIT, LogsResponse, openapi_document
+from .openapi import MAX_WAIT, LogsResponse, ParsedLine, ParsedLogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
 from .views import STATUS_OF, instance_view
@@ -428,6 +428,9 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             or ("end" in args and end is None)
         ):
             raise ApiError(422, "VALIDATION_ERROR", "tail, start and end must be integers")
+        form = args.get("format", "text")
+        if form not in ("text", "parsed"):
+            raise ApiError(422, "VALIDATION_ERROR", f"format must be text or parsed, not {form!r}")
         everything = manager.logs(name)
         total = len(everything)
         if tail is not None:
@@ -436,7 +439,10 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             start, end = max(0, total - tail), total
         first, stop, _ = slice(start, end).indices(total)
         stop = max(first, stop)
-        return _json(LogsResponse(everything[first:stop], first, stop, total))
+        lines = everything[first:stop]
+        if form == "parsed":
+            return _json(ParsedLogsResponse([ParsedLine.of(x) for x in lines], first, stop, total))
+        return _json(LogsResponse([line.text for line in lines], first, stop, total))
 
     @app.get("/instances/<name>/health")
     @lifecycle

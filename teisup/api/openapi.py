@@ -248,9 +248,21 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                     {"name": q, "in": "query", "required": False, "schema": {"type": "integer"}}
                     for q in ("tail", "start", "end")
                 ),
+                {
+                    "name": "format",
+                    "in": "query",
+                    "required": False,
+                    "description": "text (default): each line as the log file holds it, "
+                    "as tei-manager answers; parsed: each line's time, stream, level, target "
+                    "and message",
+                    "schema": {"type": "string", "enum": ["text", "parsed"]},
+                },
             ],
             "responses": {
-                "200": {"description": "log lines", **_json_body(_ref("LogsResponse"))},
+                "200": {
+                    "description": "log lines",
+                    **_json_body({"anyOf": [_ref("LogsResponse"), _ref("ParsedLogsResponse")]}),
+                },
                 "404": _ERROR,
                 "422": _ERROR,
             },
@@ -320,7 +332,33 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 class LogsResponse(msgspec.Struct):
-    lines: list[LogLine]
+    """tei-manager's answer: each line as the log file holds it."""
+
+    lines: list[str]
+    start: int
+    end: int
+    total_lines: int
+
+
+class ParsedLine(msgspec.Struct, omit_defaults=True):
+    """One line, parsed: the message of a TEI JSON line, or the text of any other."""
+
+    time: float
+    stream: str
+    message: str
+    level: str | None = None
+    target: str | None = None
+
+    @classmethod
+    def of(cls, line: LogLine) -> ParsedLine:
+        message = line.message if line.message is not None else line.text
+        return cls(line.time, line.stream, message, line.level, line.target)
+
+
+class ParsedLogsResponse(msgspec.Struct):
+    """``?format=parsed``: each line's fields."""
+
+    lines: list[ParsedLine]
     start: int
     end: int
     total_lines: int
@@ -336,6 +374,7 @@ def openapi_document() -> dict[str, Any]:
             TreeNode,
             Error,
             LogsResponse,
+            ParsedLogsResponse,
             TeiError,
             OpenAIError,
             EmbedBody,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -215,6 +216,16 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
         logs = (await http.get("/instances/bge-small/logs", params={"tail": 3})).json()
         assert len(logs["lines"]) == 3
         assert logs["total_lines"] >= 3
+        # tei-manager's form: each line once, as the log file holds it (TEI's JSON).
+        assert all(isinstance(line, str) for line in logs["lines"])
+        assert json.loads(logs["lines"][-1])["message"] == "Ready"
+        parsed = await http.get("/instances/bge-small/logs", params={"tail": 3, "format": "parsed"})
+        last = parsed.json()["lines"][-1]
+        assert (last["message"], last["level"], last["stream"]) == ("Ready", "INFO", "stdout")
+        assert "text" not in last
+        bad = await http.get("/instances/bge-small/logs", params={"format": "xml"})
+        assert bad.status_code == 422
+        assert "format must be text or parsed" in bad.json()["error"]
         health = (await http.get("/instances/bge-small/health")).json()
         assert health["probe"]["ok"] is True
         aggregate = (await http.get("/health")).json()["instances"]
