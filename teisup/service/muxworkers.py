@@ -9,7 +9,8 @@ the manager takes the workers too. The child:
 
 * sends the worker its `teisup.grpc.WorkerSetup` and the current
   `teisup.grpc.RoutingView`, and is ready once the worker answers that it is
-  bound (a bind error fails the start, as the in-process server's does);
+  bound (a bind error fails the start, as the in-process server's does, and
+  so does no answer within ``start_timeout``);
 * sends a new view on every transition of the tree (subscribed before the
   first view, so none is missed), on `WorkerGroup.changed` (an instance
   created or deleted) and every ``health_interval`` seconds, and
@@ -94,6 +95,7 @@ class WorkerGroup:
         manager_id: str,
         health_interval: float = 5.0,
         grace: float = 10.0,
+        start_timeout: float = 120.0,
     ) -> None:
         self.count = count
         self._setup = setup
@@ -104,6 +106,7 @@ class WorkerGroup:
         self._manager_id = manager_id
         self._health_interval = health_interval
         self._grace = grace
+        self._start_timeout = start_timeout
         self._seq = 0
         self._reloads: list[trio.MemorySendChannel[Reload]] = []
         self._nudges: list[trio.MemorySendChannel[None]] = []
@@ -193,7 +196,7 @@ class WorkerGroup:
                 with ctx.bus.subscribe() as changes:
                     await to_worker.send_all(encode_message(setup) + encode_message(self.view()))
                     decoder = FrameDecoder()
-                    ready = await _first_answer(from_worker, decoder, process)
+                    ready = await self._wait_ready(from_worker, decoder, process)
                     self.pids[index] = ready.pid
                     logger.info(
                         "gRPC worker %d (pid %d) serving on %s:%d",
@@ -227,6 +230,19 @@ class WorkerGroup:
                 if process.returncode is None:
                     kill_group(process.pid, signal.SIGKILL)
                     await wait_for_exit(process)
+
+    async def _wait_ready(
+        self,
+        stream: trio.abc.ReceiveStream,
+        decoder: FrameDecoder,
+        process: subprocess.Popen[bytes],
+    ) -> WorkerReady:
+        with trio.move_on_after(self._start_timeout):
+            return await _first_answer(stream, decoder, process)
+        raise WorkerCrashed(
+            f"gRPC worker (pid {process.pid}) did not start serving within "
+            f"{self._start_timeout:g} s"
+        )
 
     async def _feed(
         self,
