@@ -255,6 +255,15 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
     """
     app.config["MAX_CONTENT_LENGTH"] = max(app.config.get("MAX_CONTENT_LENGTH") or 0, max_body)
 
+    def truncating(truncate: bool | None, target: mux_pb2.Target) -> bool:
+        """A request's ``truncate``; unset (null), the instance's ``auto_truncate``, as TEI's."""
+        if truncate is not None:
+            return truncate
+        for record in data.instances.all():
+            if record.name == target.instance_name:
+                return bool(getattr(record.spec, "auto_truncate", False))
+        return False  # no such instance: routing answers 404
+
     async def many(
         target: mux_pb2.Target, service: str, unary_method: str, stream_method: str,
         requests: list[Any], response_type: Any,
@@ -300,7 +309,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         requests = [
             tei_pb2.EmbedRequest(
                 inputs=text,
-                truncate=bool(body.truncate),
+                truncate=truncating(body.truncate, target),
                 normalize=body.normalize,
                 truncation_direction=_direction(body.truncation_direction),
                 prompt_name=body.prompt_name,
@@ -319,7 +328,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         requests = [
             tei_pb2.EmbedSparseRequest(
                 inputs=text,
-                truncate=bool(body.truncate),
+                truncate=truncating(body.truncate, target),
                 truncation_direction=_direction(body.truncation_direction),
                 prompt_name=body.prompt_name,
             )
@@ -345,7 +354,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         message = tei_pb2.RerankRequest(
             query=body.query,
             texts=body.texts,
-            truncate=bool(body.truncate),
+            truncate=truncating(body.truncate, target),
             raw_scores=body.raw_scores,
             return_text=body.return_text,
             truncation_direction=_direction(body.truncation_direction),
@@ -395,7 +404,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         requests = [
             tei_pb2.EmbedAllRequest(
                 inputs=text,
-                truncate=bool(body.truncate),
+                truncate=truncating(body.truncate, target),
                 truncation_direction=_direction(body.truncation_direction),
                 prompt_name=body.prompt_name,
             )
@@ -410,7 +419,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
     async def predict(target: mux_pb2.Target) -> Any:
         body = await _decode(PredictBody, texts_only=False)
         options = {
-            "truncate": bool(body.truncate),
+            "truncate": truncating(body.truncate, target),
             "raw_scores": body.raw_scores,
             "truncation_direction": _direction(body.truncation_direction),
         }
@@ -442,7 +451,7 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         requests = [
             tei_pb2.EmbedRequest(
                 inputs=text,
-                truncate=bool(parameters.truncate),
+                truncate=truncating(parameters.truncate, target),
                 normalize=True,
                 truncation_direction=_direction(parameters.truncation_direction),
                 prompt_name=parameters.prompt_name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -46,8 +47,11 @@ async def test_tei_routes_answer_as_tei(
     tiny_models: dict[str, Path],  # noqa: F811
 ) -> None:
     dense_id, classifier_id = str(tiny_models["dense"]), str(tiny_models["classifier"])
+    truncating = SimpleNamespace(max_concurrent_requests=512, auto_truncate=True)
     instances = Instances(
         backends["dense"].record("dense", model_id=dense_id),
+        # The same process as an instance set up with auto_truncate.
+        backends["dense"].record("dense-cut", model_id=dense_id, spec=truncating),
         backends["classifier"].record("clf", model_id=classifier_id),
     )
     async with (
@@ -87,12 +91,22 @@ async def test_tei_routes_answer_as_tei(
         assert scores == pytest.approx(expected, abs=1e-5)
         assert scores[0] == pytest.approx(1.0, abs=1e-5) == scores[2]
 
+        # truncate left out: the instance's auto_truncate decides, as TEI's --auto-truncate.
+        long = {"inputs": "word " * 200}  # over the tiny model's 64 tokens
+        refused = await post("/instances/dense/embed", long, 422)
+        assert "must have less than 64 tokens" in refused["error"]
+        assert len((await post("/instances/dense-cut/embed", long))[0]) == 32
+        await post("/instances/dense-cut/embed", {**long, "truncate": False}, 422)
+        assert len((await post("/instances/dense/embed", {**long, "truncate": True}))[0]) == 32
+
         # /info: TEI's /info JSON from the instance's Info.
         info = (await http.get("/instances/dense/info")).json()
         assert info["model_id"] == dense_id
         assert info["version"].startswith("1.9.3+teisup.")
         assert list(info["model_type"]) == ["embedding"]
         assert info["max_input_length"] == 64
+        assert info["auto_truncate"] is False
+        assert (await http.get("/instances/dense-cut/info")).json()["auto_truncate"] is True
         assert info["max_client_batch_size"] == 32
         assert (info["sha"], info["docker_label"], info["max_batch_requests"]) == (
             None,
@@ -153,7 +167,13 @@ async def test_tei_routes_answer_as_tei(
         ]
         models = (await http.get("/v1/models")).json()
         assert models["object"] == "list"
-        assert [m["id"] for m in models["data"]] == ["clf", "dense", classifier_id, dense_id]
+        assert [m["id"] for m in models["data"]] == [
+            "clf",
+            "dense",
+            "dense-cut",
+            classifier_id,
+            dense_id,
+        ]
         assert {m["object"] for m in models["data"]} == {"model"}
         for model in models["data"]:
             listed = await http.post("/v1/embeddings", json={"input": "x", "model": model["id"]})
