@@ -381,6 +381,8 @@ class _Writer(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
         #: The task inside `corked` (its other tasks' writes are not held), and how deep.
         self._corked_by: trio.lowlevel.Task | None = None
         self._corked = 0
+        #: The connection's open streams (its socket's ``_streams``), set by `TidySocket`.
+        self.streams: dict[int, Any] = {}
 
     async def _writer_thread(self) -> None:
         while True:
@@ -400,8 +402,13 @@ class _Writer(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             self.write_out()
 
     def write_out(self) -> None:
-        """Write what h2 has for the peer now (corked or not), or leave it to the writer task."""
-        if self._raw is not None and not self._pending:
+        """Write what h2 has for the peer now (corked or not), or leave it to the writer task.
+
+        With several calls open on the connection the writer task writes: it
+        runs once the tasks ready now have run, so their messages share one
+        write (a write costs more than a task switch).
+        """
+        if self._raw is not None and not self._pending and len(self.streams) < 2:
             data = self._grpc_connection.data_to_send()
             if not data:
                 return
@@ -450,6 +457,7 @@ class TidySocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped
         self._grpc_connection = TidyConnection(config=config)
         self._grpc_connection.streams = self._streams
         self._socket = _Writer(self._grpc_connection, sock)
+        self._socket.streams = self._streams
 
     async def _reader_thread(self) -> None:
         await super()._reader_thread()
