@@ -419,23 +419,21 @@ def create_app(plane: ControlPlane) -> QuartTrio:
             start = args.get("start", type=int)
             end = args.get("end", type=int)
         except ValueError:
-            raise ApiError(
-                422, "VALIDATION_ERROR", "tail, start and end must be integers"
-            ) from None
+            raise _invalid("tail, start and end must be integers") from None
         if (
             ("tail" in args and tail is None)
             or ("start" in args and start is None)
             or ("end" in args and end is None)
         ):
-            raise ApiError(422, "VALIDATION_ERROR", "tail, start and end must be integers")
+            raise _invalid("tail, start and end must be integers")
         form = args.get("format", "text")
         if form not in ("text", "parsed"):
-            raise ApiError(422, "VALIDATION_ERROR", f"format must be text or parsed, not {form!r}")
+            raise _invalid(f"format must be text or parsed, not {form!r}")
         everything = manager.logs(name)
         total = len(everything)
         if tail is not None:
             if tail < 0:
-                raise ApiError(422, "VALIDATION_ERROR", "tail must be >= 0")
+                raise _invalid("tail must be >= 0")
             start, end = max(0, total - tail), total
         first, stop, _ = slice(start, end).indices(total)
         stop = max(first, stop)

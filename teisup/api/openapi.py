@@ -263,8 +263,8 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                     "description": "log lines",
                     **_json_body({"anyOf": [_ref("LogsResponse"), _ref("ParsedLogsResponse")]}),
                 },
+                "400": _ERROR,
                 "404": _ERROR,
-                "422": _ERROR,
             },
         }
     },

@@ -224,8 +224,12 @@ async def test_every_route_through_real_http(tmp_path: Path) -> None:
         assert (last["message"], last["level"], last["stream"]) == ("Ready", "INFO", "stdout")
         assert "text" not in last
         bad = await http.get("/instances/bge-small/logs", params={"format": "xml"})
-        assert bad.status_code == 422
+        assert (bad.status_code, bad.json()["code"]) == (400, "VALIDATION_ERROR")
         assert "format must be text or parsed" in bad.json()["error"]
+        # tei-manager's start and end are integers; anything else is its 400.
+        bad_end = await http.get("/instances/bge-small/logs", params={"end": "x"})
+        assert (bad_end.status_code, bad_end.json()["code"]) == (400, "VALIDATION_ERROR")
+        assert "end" in bad_end.json()["error"]
         health = (await http.get("/instances/bge-small/health")).json()
         assert health["probe"]["ok"] is True
         aggregate = (await http.get("/health")).json()["instances"]
