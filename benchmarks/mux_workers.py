@@ -6,7 +6,8 @@ Starts a real ``teisup`` (no instance: the call measured is one the
 multiplexer answers itself, ``EmbedArrow`` with ``noop``, 32 texts) with
 ``--grpc-workers 1``, then with ``--grpc-workers N``, alternating for
 ``--rounds``, and drives each with ``h2load`` (nghttp2-client: a gRPC body is
-the 5-byte prefix plus the message), whose client costs almost nothing. Prints
+the 5-byte prefix plus the message), whose client costs almost nothing, through
+`benchmarks/mux_compare.py`'s h2load driver. Prints
 requests/s per run, the median per setting, and the ratio N / 1, with the
 load average so a figure from a busy machine reads as one.
 """
@@ -16,43 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
-
-import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import free_port, sentences
+from benchmarks.mux_compare import MUX, Meter, grpc_body, h2load
+from teisup.bench import arrow_ipc
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
-
-PATH = "/tei_multiplexer.v1.TeiMultiplexer/EmbedArrow"
-RATE = re.compile(r"finished in [\d.]+\w*, ([\d.]+) req/s")
-DONE = re.compile(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded")
 
 
 def noop_body(rows: int = 32) -> bytes:
     """One gRPC message (prefix and all): EmbedArrow, ``noop``, ``rows`` short texts."""
-    sink = pa.BufferOutputStream()
-    table = pa.table({"text": pa.array(sentences(rows), pa.utf8())})
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
     request = mux_pb2.EmbedArrowRequest(
         target=mux_pb2.Target(instance_name="bench"),
-        arrow_ipc=sink.getvalue().to_pybytes(),
+        arrow_ipc=arrow_ipc(sentences(rows)),
         noop=True,
     )
-    payload = request.SerializeToString()
-    return struct.pack(">BI", 0, len(payload)) + payload
+    return grpc_body(request)
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -99,52 +90,17 @@ def start_teisup(workers: int, directory: Path) -> tuple[subprocess.Popen[bytes]
     return proc, grpc
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) used so far by ``root`` and its live descendants."""
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = int(fields[1])
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])
-    family, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in family} - family
-        family |= more
-        grew = bool(more)
-    return sum(ticks.get(pid, 0) for pid in family) / os.sysconf("SC_CLK_TCK")
-
-
-def h2load(port: int, body: Path, seconds: float, clients: int, streams: int) -> float:
-    argv = [
-        "h2load", "-D", f"{seconds:g}", "-d", str(body), "-c", str(clients), "-m", str(streams),
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        f"http://127.0.0.1:{port}{PATH}",
-    ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-    rate, done = RATE.search(out), DONE.search(out)
-    if rate is None or done is None or int(done.group(2)) == 0:
-        raise RuntimeError(f"h2load said:\n{out[-2000:]}")
-    return float(rate.group(1))
-
-
 def measure(
-    workers: int, args: argparse.Namespace, body: Path, directory: Path
+    workers: int, args: argparse.Namespace, body: bytes, directory: Path
 ) -> tuple[float, float]:
     """(requests/s, teisup's CPU microseconds per request: manager and workers)."""
     proc, port = start_teisup(workers, directory)
+    url = f"http://127.0.0.1:{port}{MUX}/EmbedArrow"
+    load = partial(h2load, url, body, clients=args.clients, streams=args.streams, grpc=True)
     try:
-        h2load(port, body, 1.0, args.clients, args.streams)  # warm-up, and every worker bound
-        cpu = tree_cpu(proc.pid)
-        rate = h2load(port, body, args.seconds, args.clients, args.streams)
-        used = tree_cpu(proc.pid) - cpu
-        return rate, used / (rate * args.seconds) * 1e6
+        load(seconds=1.0, meter=Meter("nobody", None))  # warm-up
+        rate, cpu, _ = load(seconds=args.seconds, meter=Meter("teisup", proc.pid))
+        return rate, cpu
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -161,8 +117,7 @@ def main() -> None:
     rates: dict[int, list[float]] = {1: [], args.workers: []}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        body = directory / "noop.bin"
-        body.write_bytes(noop_body())
+        body = noop_body()
         print(
             f"EmbedArrow noop (32 texts), h2load -c {args.clients} -m {args.streams}, "
             f"{args.seconds:g} s a run; load average {os.getloadavg()[0]:.2f}, "
