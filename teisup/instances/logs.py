@@ -327,6 +327,31 @@ class InstanceLog:
         if self._file is not None:
             self._file.close()
 
+    def remove(self) -> list[Path]:
+        """Close the file and delete it with its rotated copies; the paths removed.
+
+        For a deleted instance: its name may be taken again by another one.
+        A file that cannot be removed is logged and left.
+        """
+        if self._file is None:
+            return []
+        self._file.close()
+        path, backups = self._file.path, self._file.backups
+        removed = []
+        for candidate in (
+            path,
+            *(path.with_name(f"{path.name}.{i}") for i in range(1, backups + 1)),
+        ):
+            try:
+                candidate.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("instance %s: cannot remove %s: %s", self.name, candidate, exc)
+            else:
+                removed.append(candidate)
+        return removed
+
     def __enter__(self) -> InstanceLog:
         return self
 

@@ -355,7 +355,7 @@ class InstanceManager:
             return self.get(name)
 
     async def delete(self, name: str) -> None:
-        """Stop an instance and forget it, releasing its ports."""
+        """Stop an instance and forget it, releasing its ports and removing its log files."""
         async with self._serial():
             self._require(name)
             await self._forget(name)
@@ -484,7 +484,8 @@ class InstanceManager:
                 await self.supervisor.delete_child(name)
         instance = self._instances.pop(name)
         self.ports.release(name)
-        instance.log.close()
+        # Its log goes with it: a later instance of the same name starts a fresh one.
+        instance.log.remove()
 
     def close(self) -> None:
         """Close the instances' log files (after the supervisor has stopped)."""

@@ -291,7 +291,9 @@ async def test_delete_stops_the_process_and_frees_its_ports(tmp_path: Path) -> N
                 info = await manager.create(spec(port=port, prometheus_port=prometheus_port))
                 await wait_for(events, "bge-small", ChildState.RUNNING)
             pid = manager.get("bge-small").pid
+            assert (tmp_path / "bge-small.log").exists()
             await manager.delete("bge-small")
+            assert not (tmp_path / "bge-small.log").exists()  # its log goes with it
             assert pid is not None
             assert proc_state(pid) is None
             assert manager.names() == []

@@ -284,6 +284,17 @@ def test_rotation_keeps_the_newest_lines_within_the_size_cap(tmp_path: Path) -> 
     assert log.total == 30  # memory is unaffected by rotation
 
 
+def test_remove_deletes_the_file_and_its_rotated_copies_only(tmp_path: Path) -> None:
+    (tmp_path / "other.log").write_text("another instance's\n")
+    log = InstanceLog("m", directory=tmp_path, max_bytes=20, backups=2)
+    for i in range(30):
+        log.append("stdout", f"line {i:02d}")
+    removed = log.remove()
+    assert sorted(p.name for p in removed) == ["m.log", "m.log.1", "m.log.2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["other.log"]
+    assert InstanceLog("memory-only").remove() == []
+
+
 def test_rotation_within_one_batch(tmp_path: Path) -> None:
     file = RotatingFile(tmp_path / "m.log", max_bytes=10, backups=1)
     file.write_lines([b"aaaa", b"bbbb", b"cccc"])
