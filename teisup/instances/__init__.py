@@ -39,6 +39,7 @@ from .spec import (
     RestartPolicy,
     check_bounds,
     spec_from_dict,
+    worded_error,
 )
 from .startup import Phase
 
@@ -90,5 +91,6 @@ __all__ = [
     "spec_from_dict",
     "sweep_leftovers",
     "validate_gpu_id",
+    "worded_error",
     "wait_for_exit",
 ]

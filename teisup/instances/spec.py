@@ -27,6 +27,7 @@ __all__ = [
     "RestartPolicy",
     "check_bounds",
     "check_extra_args",
+    "worded_error",
     "spec_from_dict",
 ]
 
@@ -35,6 +36,19 @@ __all__ = [
 #: lookahead refuses; in ECMAScript "$" is the end already.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}(?!\n)$"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: The rule of `NAME_PATTERN` in words, for error messages.
+NAME_RULE = (
+    "1 to 63 characters: lower-case letters, digits, '.', '_' and '-', "
+    "starting with a letter or digit"
+)
+
+
+def worded_error(message: str) -> str:
+    """A msgspec validation message with the instance-name regex said in words."""
+    return message.replace(
+        f"Expected `str` matching regex {NAME_PATTERN!r}", f"an instance name must be {NAME_RULE}"
+    )
+
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 Dtype = Literal["float16", "float32", "bfloat16"]
@@ -213,10 +227,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
         # Meta constraints only run while decoding; construction in code is
         # checked here too, so both paths refuse the same values.
         if not _NAME.fullmatch(self.name):
-            raise ValueError(
-                f"name {self.name!r} must match {NAME_PATTERN} (lower-case letters, digits, "
-                "'.', '_', '-'; at most 63 characters)"
-            )
+            raise ValueError(f"name {self.name!r}: an instance name must be {NAME_RULE}")
         _check_model_id(self.model_id)
         if self.revision is not None:
             _check_revision(self.revision)
@@ -343,4 +354,10 @@ def spec_from_dict(data: object) -> InstanceSpec:
     Raises `msgspec.ValidationError` whose message names the offending field,
     e.g. ``Expected `int` >= 1 - at `$.port```.
     """
-    return msgspec.convert(data, InstanceSpec, strict=True)
+    try:
+        return msgspec.convert(data, InstanceSpec, strict=True)
+    except msgspec.ValidationError as exc:
+        worded = worded_error(str(exc))
+        if worded == str(exc):
+            raise
+        raise msgspec.ValidationError(worded) from None

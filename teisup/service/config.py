@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ..instances import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds
+from ..instances import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds, worded_error
 from ..security import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
@@ -430,7 +430,7 @@ def _explain(
     from_env: Mapping[str, str],
     overrides: Mapping[str, Any],
 ) -> str:
-    message = str(exc)
+    message = worded_error(str(exc))
     keys: list[str | int] = []
     if m := _PATH.search(message):
         for part in re.findall(r"\.([\w-]+)|\[(\d+)\]", m.group(1)):

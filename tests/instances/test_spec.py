@@ -230,3 +230,15 @@ def test_code_built_values_are_held_to_the_same_bounds(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         build()
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "-lead", "x" * 64, "a/b", ""])
+def test_a_bad_name_is_refused_in_words_not_a_regex(name: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as decoded:
+        spec_from_dict({"name": name, "model_id": "m"})
+    with pytest.raises(ValueError, match="an instance name must be") as built:
+        InstanceSpec(name=name, model_id="m")
+    for message in (str(decoded.value), str(built.value)):
+        assert "1 to 63 characters: lower-case letters, digits" in message
+        assert "regex" not in message
+        assert "[a-z0-9]" not in message
