@@ -192,10 +192,10 @@ def _direction(name: str) -> Any:
     )
 
 
-def _inputs(value: str | list[str]) -> list[str]:
+def _inputs(value: str | list[str], field: str = "inputs") -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not texts:
-        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", "`inputs` cannot be empty")
+        raise DataPlaneError(400, "Empty", "INVALID_ARGUMENT", f"`{field}` cannot be empty")
     _check_batch_size(len(texts))
     return texts
 
@@ -647,7 +647,7 @@ def _models(records: Any) -> dict[str, Any]:
 
 async def _openai(data: MultiplexerService, many: Any) -> Any:
     body = await _decode(OpenAIEmbeddingsBody)
-    texts = _inputs(body.input)
+    texts = _inputs(body.input, "input")  # OpenAI's field is `input`
     names = {r.name for r in data.instances.all()}
     target = (
         mux_pb2.Target(instance_name=body.model)

@@ -132,6 +132,9 @@ async def test_tei_http_routes_and_openai_embeddings(tmp_path: Path) -> None:
         assert status == 413
 
         # OpenAI: model is an instance name or a model id; float or base64.
+        empty = await http.post("/v1/embeddings", json={"input": [], "model": "minilm"})
+        assert empty.status_code == 400
+        assert "`input` cannot be empty" in empty.text  # OpenAI's field, not TEI's `inputs`
         by_name = await http.post("/v1/embeddings", json={"input": TEXTS, "model": "minilm"})
         assert by_name.status_code == 200, by_name.text
         body = by_name.json()
