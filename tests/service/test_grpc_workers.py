@@ -175,6 +175,21 @@ def info(stubs: SimpleNamespace, channel: Any, token: str | None = None) -> Any:
         return error
 
 
+def embed(stubs: SimpleNamespace, channel: Any, text: str) -> Any:
+    """Embed ``text`` on bge-small through the multiplexer: the answer, or the grpc.RpcError."""
+    import grpc
+
+    stub = stubs.pb2_grpc.TeiMultiplexerStub(channel)
+    request = stubs.pb2.EmbedRequest(
+        target=stubs.pb2.Target(instance_name="bge-small"),
+        request=stubs.tei_pb2.EmbedRequest(inputs=text),
+    )
+    try:
+        return stub.Embed(request, timeout=20)
+    except grpc.RpcError as error:
+        return error
+
+
 def requests_counted(metrics: str, method: str, code: str, instance: str = "bge-small") -> float:
     """``teisup_requests_total`` of gRPC calls of ``method`` to ``instance`` ending ``code``."""
     pattern = re.compile(
@@ -193,7 +208,7 @@ async def test_every_worker_routes_by_the_view_and_metrics_count_them_all(
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     unknown_service = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    async with teisup(tmp_path, env=ENV) as t:
+    async with teisup(tmp_path, "grpc_max_message_size_mb = 1\n", env=ENV) as t:
         tree = (await t.http.get("/supervisor/tree")).json()
         ids = [c["id"] for c in tree["children"]]
         assert "grpc" not in ids
@@ -213,6 +228,8 @@ async def test_every_worker_routes_by_the_view_and_metrics_count_them_all(
                     answer = info(mux_stubs, channel)
                     assert answer.model_id == SMALL["model_id"], answer
                     calls += 1
+                    too_big = embed(mux_stubs, channel, "x" * (1024 * 1024 + 1))
+                    assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, too_big
                 return calls
 
         ok_calls = await trio.to_thread.run_sync(scenario)
@@ -258,8 +275,8 @@ async def test_every_worker_routes_by_the_view_and_metrics_count_them_all(
                     break
                 await trio.sleep(0.05)
         assert requests_counted(metrics, "Info", "OK") == ok_calls
-        # Refused before routing: counted with no instance.
-        assert requests_counted(metrics, "Info", "UNAVAILABLE", instance="") >= WORKERS
+        # Refused because it was stopped: counted against the instance it named.
+        assert requests_counted(metrics, "Info", "UNAVAILABLE") >= WORKERS
         assert await t.stop() == 0
 
 
