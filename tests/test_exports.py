@@ -13,6 +13,7 @@ import teisup.api
 import teisup.embedded
 import teisup.grpc
 import teisup.instances
+import teisup.models
 import teisup.rpc
 import teisup.security
 import teisup.service
@@ -25,6 +26,7 @@ PACKAGES = [
     teisup.instances,
     teisup.embedded,
     teisup.grpc,
+    teisup.models,
     teisup.api,
     teisup.service,
 ]

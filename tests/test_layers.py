@@ -100,6 +100,7 @@ LAYERS = [
     "instances",
     "embedded",
     "grpc",
+    "models",
     "api",
     "service",
     "bench",

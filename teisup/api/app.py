@@ -34,11 +34,13 @@ from ..instances import (
     PortError,
     PortRangeExhausted,
 )
+from ..models import ModelService
 from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
 from ..supervision import ChildState, Supervisor, TransitionEvent
 from .dataplane import add_data_plane
 from .errors import Error
 from .jsonbody import JsonTooDeep, decode_json
+from .models import add_model_routes
 from .openapi import MAX_WAIT, LogsResponse, ParsedLine, ParsedLogsResponse, openapi_document
 from .responses import json_response as _json
 from .responses import now as _now
@@ -107,6 +109,9 @@ class ControlPlane(Protocol):
     def instance_defaults(self) -> Mapping[str, object]:
         """Instance fields the manager's config sets for a POST that omits them."""
         ...
+
+    @property
+    def models(self) -> ModelService: ...
 
 
 class ApiError(Exception):
@@ -467,6 +472,7 @@ def create_app(plane: ControlPlane) -> QuartTrio:
     async def supervisor_tree() -> Response:
         return _json(plane.root.snapshot())
 
+    add_model_routes(app, lambda: plane.models)
     if plane.data_plane is not None:
         add_data_plane(app, plane.data_plane, max_body=plane.data_body_limit)
     return app

@@ -14,6 +14,7 @@ import msgspec
 
 from .. import __version__
 from ..instances import NAME_PATTERN, GpuInfo, InstanceInfo, InstanceSpec, LogLine
+from ..models import ModelInfo
 from ..supervision import ChildState, TreeNode
 from .dataplane import (
     DecodeBody,
@@ -26,6 +27,7 @@ from .dataplane import (
     TokenizeBody,
 )
 from .errors import Error, OpenAIError, TeiError
+from .models import ModelRegistration
 from .views import instance_schema
 
 __all__ = ["ROUTES", "openapi_document"]
@@ -91,6 +93,18 @@ _WAIT = [
         "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT, "default": 30},
     },
 ]
+
+#: A Hub id, URL-encoded (``org%2Fname``) or not; an unknown one answers 404.
+_MODEL_ID = [
+    {
+        "name": "model_id",
+        "in": "path",
+        "required": True,
+        "description": "a Hub model id such as sentence-transformers%2Fall-MiniLM-L6-v2",
+        "schema": {"type": "string", "minLength": 1},
+    }
+]
+_MODEL = {"description": "the model", **_json_body(_ref("ModelInfo"))}
 
 _DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("TeiError"))}
 _OPENAI_ERROR = {"description": "an OpenAI-style error", **_json_body(_ref("OpenAIError"))}
@@ -298,6 +312,60 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             ("decode", "DecodeBody", _rows({"type": "string"})),
         )
     },
+    "/models": {
+        "get": {
+            "summary": "Registered models, by id (tei-manager's registry)",
+            "responses": {
+                "200": {
+                    "description": "models",
+                    **_json_body({"type": "array", "items": _ref("ModelInfo")}),
+                }
+            },
+        },
+        "post": {
+            "summary": "Register a model (200 with the entry if it is registered already)",
+            "requestBody": {"required": True, **_json_body(_ref("ModelRegistration"))},
+            "responses": {
+                "200": _MODEL,
+                "201": _MODEL,
+                "400": _ERROR,
+                "413": _ERROR,
+                "422": _ERROR,
+            },
+        },
+    },
+    "/models/{model_id}": {
+        "get": {
+            "summary": "One model, its files in the HuggingFace cache looked at again",
+            "parameters": _MODEL_ID,
+            "responses": {"200": _MODEL, "404": _ERROR},
+        }
+    },
+    "/models/{model_id}/download": {
+        "post": {
+            "summary": "Download the model from the Hub; answers once it is in the cache",
+            "description": (
+                "Progress shows in GET /models/{model_id} (`progress`), /metrics and the "
+                "log meanwhile. Already downloaded: answers at once. 502 "
+                "(MODEL_DOWNLOAD_FAILED) when the Hub or the network failed; nothing "
+                "partial is left in the cache."
+            ),
+            "parameters": _MODEL_ID,
+            "responses": {"200": _MODEL, "404": _ERROR, "409": _ERROR, "502": _ERROR},
+        }
+    },
+    "/models/{model_id}/load": {
+        "post": {
+            "summary": "Smoke test: start an instance of the model, embed once, stop it",
+            "description": (
+                "200 with status verified, or failed and verification_error; 409 "
+                "MODEL_BUSY while a download or test runs, 409 MODEL_LOAD_FAILED when "
+                "it is not downloaded."
+            ),
+            "parameters": _MODEL_ID,
+            "responses": {"200": _MODEL, "404": _ERROR, "409": _ERROR},
+        }
+    },
     "/instances/{name}/info": {
         "get": {
             "summary": "TEI's GET /info of this instance (data plane)",
@@ -385,6 +453,8 @@ def openapi_document() -> dict[str, Any]:
             TokenizeBody,
             DecodeBody,
             OpenAIEmbeddingsBody,
+            ModelInfo,
+            ModelRegistration,
         ],
         ref_template=_REF,
     )

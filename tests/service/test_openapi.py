@@ -27,6 +27,7 @@ class _Plane:
     allow_list = AllowList()
     instance_defaults = MappingProxyType({})
     tls = None
+    models: Any = None  # read per request only
 
 
 def test_every_route_is_documented_and_every_documented_route_exists() -> None:
