@@ -42,10 +42,16 @@ class LoopbackHub:
                 pass
 
             def do_HEAD(self) -> None:
-                hub._answer(self, body=False)
+                self._answer(body=False)
 
             def do_GET(self) -> None:
-                hub._answer(self, body=True)
+                self._answer(body=True)
+
+            def _answer(self, *, body: bool) -> None:
+                try:
+                    hub._answer(self, body=body)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went (a killed manager)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
