@@ -25,6 +25,7 @@ from teisup.instances import (
     ProcessSpawner,
     grpc_health_probe,
 )
+from teisup.models import ModelService
 from teisup.proto.tei_multiplexer.v1 import multiplexer_pb2 as mux_pb2
 from teisup.rpc import RpcStatusError
 from teisup.service import ManagerConfig, SavedInstance, Snapshot, StateStatus
@@ -217,6 +218,9 @@ def served_series() -> tuple[set[str], set[str]]:
     """(names as the doc lists them, every sample name /metrics can serve)."""
     metrics = Metrics(instances=list, gpus=list)
     metrics.state_status = lambda: StateStatus(durable=True)
+    # The model registry's series, which the service registers beside these.
+    models = ModelService(ROOT, downloader=None, loader=None)  # type: ignore[arg-type]
+    metrics.registry.register(models.collector())
     listed, samples = set(), set()
     for family in metrics.registry.collect():
         if family.type == "counter":
