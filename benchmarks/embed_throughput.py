@@ -115,7 +115,7 @@ def concurrent_clients(port: int, texts: list[str], seconds: float) -> tuple[int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--sizes", default="1,32,256", help="texts per request")
+    parser.add_argument("--sizes", default="1,32,256", help='texts per request ("": none)')
     parser.add_argument(
         "--clients", type=int, default=32, help="concurrent single-text unary clients (0: skip)"
     )
@@ -123,7 +123,7 @@ def main() -> int:
         "--rounds", type=int, default=4, help="alternating rounds the --seconds are split into"
     )
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
 
     import grpc
 

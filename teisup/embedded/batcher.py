@@ -26,7 +26,7 @@ a lone caller never waits. Two kinds of callers are expected:
   or whose client keeps several requests outstanding.
 
 While someone is expected, the batcher waits for the next arrival, at most
-``quiet_s`` after the last one, and never longer in all than ``max_s`` nor a
+``quiet_s`` after the last arrival or answer, and never longer in all than ``max_s`` nor a
 quarter of the last pass (waiting for a batch is worth it only against the
 cost of a pass). Before each decision the event loop first finishes what it is
 already doing (until every other task is blocked), so requests being
@@ -116,15 +116,16 @@ class Gathering:
         """How long an answered caller counts as coming back."""
         self._returning: collections.deque[float] = collections.deque()
         self._last_pass_s = max_s * 4
-        self._last_arrival = -float("inf")
+        self._last_news = -float("inf")
 
     def answered(self, count: int, now: float) -> None:
         """``count`` callers got their answers at ``now``."""
         self._returning.extend([now] * count)
+        self._last_news = max(self._last_news, now)
 
     def arrived(self, now: float) -> None:
         """An entry was queued at ``now``: one caller back, if one was expected."""
-        self._last_arrival = now
+        self._last_news = max(self._last_news, now)
         if self._returning:
             self._returning.popleft()
 
@@ -150,8 +151,10 @@ class Gathering:
         """
         if full or not (streams_expect_more or self.expected(now)):
             return None
+        # Quiet since the last arrival or answer, whichever came last: callers
+        # just answered get quiet_s to show up even if nobody arrived lately.
         limit = since + min(self.max_s, self._last_pass_s / 4)
-        until = min(self._last_arrival + self.quiet_s, limit)
+        until = min(self._last_news + self.quiet_s, limit)
         if until > now:
             return until
         # Those not back by now are not coming soon: stop expecting them, so

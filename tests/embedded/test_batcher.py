@@ -189,6 +189,18 @@ def test_answered_callers_are_waited_for_until_they_are_back() -> None:
     assert policy.wait_until(1.0025, since=1.001, full=False, streams_expect_more=False) is None
 
 
+def test_callers_just_answered_get_a_quiet_wait_though_nobody_arrived_lately() -> None:
+    # A straggler arrived during the last pass; the pass's callers were just
+    # answered: the straggler waits for them rather than running alone.
+    policy = gathering()
+    policy.arrived(0.5)
+    policy.answered(3, now=1.0)
+    assert policy.wait_until(1.0, since=1.0, full=False, streams_expect_more=False) == 1.002
+    # None of them back within quiet_s: cut, and stop expecting them.
+    assert policy.wait_until(1.002, since=1.0, full=False, streams_expect_more=False) is None
+    assert policy.expected(1.002) == 0
+
+
 def test_a_full_batch_or_an_expired_answer_does_not_wait() -> None:
     policy = gathering()
     policy.answered(2, now=0.0)
