@@ -100,6 +100,7 @@ class ModelService:
             logger.warning(
                 "removed %d unfinished download(s) from %s", len(removed), self.cache_dir
             )
+        await self._loader.forget_leftovers()
         found = await trio.to_thread.run_sync(self._scan, self.cache_dir)
         now = self._clock()
         for model_id in self._configured:

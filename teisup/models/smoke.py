@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from typing import Any, Protocol
@@ -38,10 +39,17 @@ class Loader(Protocol):
 
     async def smoke_test(self, model_id: str) -> str | None: ...
 
+    async def forget_leftovers(self) -> list[str]:
+        """Remove what smoke tests of an earlier run left (a manager killed meanwhile)."""
+        ...
+
 
 def smoke_instance_name(model_id: str) -> str:
     """The instance name a smoke test of ``model_id`` uses (a valid, stable name)."""
     return "model-load-" + hashlib.sha256(model_id.encode()).hexdigest()[:12]
+
+
+_SMOKE_NAME = re.compile(r"model-load-[0-9a-f]{12}")
 
 
 class InstanceSmokeTest:
@@ -81,6 +89,18 @@ class InstanceSmokeTest:
         finally:
             with trio.CancelScope(shield=True), suppress(InstanceNotFound):
                 await self._manager.delete(name)
+
+    async def forget_leftovers(self) -> list[str]:
+        """Delete the smoke-test instances a killed manager saved in its state.
+
+        Called before the saved instances are started again, so none of them runs.
+        """
+        leftovers = [name for name in self._manager.names() if _SMOKE_NAME.fullmatch(name)]
+        for name in leftovers:
+            with suppress(InstanceNotFound):
+                await self._manager.delete(name)
+            logger.warning("deleted the smoke-test instance %s an earlier run left", name)
+        return leftovers
 
     async def _until_running(
         self, name: str, events: trio.MemoryReceiveChannel[TransitionEvent]

@@ -14,12 +14,14 @@ from teisup.models import (
     CachedModel,
     DownloadError,
     DownloadFailed,
+    InstanceSmokeTest,
     ModelBusy,
     ModelMetadata,
     ModelNotDownloaded,
     ModelService,
     ModelStatus,
     ProgressReport,
+    smoke_instance_name,
 )
 
 MODEL = "org/model"
@@ -61,6 +63,11 @@ class FakeLoader:
     def __init__(self, answer: str | Exception | None = None) -> None:
         self.answer = answer
         self.tested: list[str] = []
+        self.forgot = False
+
+    async def forget_leftovers(self) -> list[str]:
+        self.forgot = True
+        return []
 
     async def smoke_test(self, model_id: str) -> str | None:
         self.tested.append(model_id)
@@ -199,3 +206,31 @@ def scrape(service: ModelService) -> str:
     registry = CollectorRegistry()
     registry.register(service.collector())
     return generate_latest(registry).decode()
+
+
+class _Manager:
+    """The instance manager as `InstanceSmokeTest.forget_leftovers` uses it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = names
+        self.deleted: list[str] = []
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    async def delete(self, name: str) -> None:
+        self.deleted.append(name)
+
+
+async def test_smoke_test_instances_an_earlier_run_left_are_deleted_at_start_up(
+    nursery: trio.Nursery,
+) -> None:
+    leftover = smoke_instance_name(MODEL)
+    manager = _Manager(["bge-small", leftover, "model-load-mine"])
+    smoke = InstanceSmokeTest(manager, subscribe=lambda: None)  # type: ignore[arg-type]
+    assert await smoke.forget_leftovers() == [leftover]
+    # A user's instance that merely starts like one is kept.
+    assert manager.deleted == [leftover]
+    loader = FakeLoader()
+    await running(service_with(loader=loader), nursery)
+    assert loader.forgot
