@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
-from huggingface_hub import scan_cache_dir
 
 from .registry import CachedModel, ModelMetadata
 
@@ -154,6 +153,10 @@ def scan(cache: Path) -> list[CachedModel]:
     """Every model with a complete snapshot in ``cache`` (huggingface_hub's `scan_cache_dir`)."""
     if not cache.is_dir():
         return []
+    # huggingface_hub brings its HTTP stack along: imported when first used,
+    # not with the manager (a tenth of its import time).
+    from huggingface_hub import scan_cache_dir
+
     try:
         info = scan_cache_dir(cache)
     except (OSError, ValueError) as exc:
