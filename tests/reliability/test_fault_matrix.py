@@ -11,6 +11,7 @@ its test here too (they were ``xfail(strict=True)`` until the fix landed).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -274,6 +275,8 @@ async def test_fault_07_kill_9_of_the_manager_leaves_no_instance_running(tmp_pat
 
 def grandchild_of(lines: list[dict[str, Any]] | list[str]) -> int:
     for line in lines:
+        if isinstance(line, str) and line.startswith("{"):
+            line = json.loads(line)  # the logs route's default: the file's TEI JSON line
         text = line if isinstance(line, str) else str(line.get("message", line))
         if "grandchild " in text:
             return int(text.rsplit("grandchild ", 1)[1].split()[0].strip("\"'},"))
