@@ -154,7 +154,8 @@ def _exit_like(status: int) -> None:
     if code >= 0:
         os._exit(code)
     sig = -code
-    signal.signal(sig, signal.SIG_DFL)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled at all
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
     os.kill(os.getpid(), sig)
     os._exit(128 + sig)  # a signal whose default is not to terminate

@@ -162,7 +162,13 @@ DETACH = "pid=$(setsid sh -c 'echo $$; exec sleep 1000 </dev/null >/dev/null 2>&
 async def test_the_exit_status_passes_through_the_shim_unchanged() -> None:
     env = {"PATH": os.environ["PATH"]}
     async with ProcessSpawner() as spawner:
-        for script, status in [("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", -signal.SIGTERM)]:
+        cases = [
+            ("exit 0", 0),
+            ("exit 3", 3),
+            ("kill -TERM $$", -signal.SIGTERM),
+            ("kill -KILL $$", -signal.SIGKILL),
+        ]
+        for script, status in cases:
             proc = await spawner.spawn(["sh", "-c", script], env=env)
             assert await wait_for_exit(proc) == status, script
             for f in (proc.stdout, proc.stderr):
