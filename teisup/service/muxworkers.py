@@ -32,7 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -190,6 +190,7 @@ class WorkerGroup:
             pipe.close()
         reloads_in, reloads_out = trio.open_memory_channel[Reload](1)
         self._reloads.append(reloads_in)
+        crashed: str | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_log, log, index)
@@ -206,18 +207,22 @@ class WorkerGroup:
                         ready.port,
                     )
                     ctx.started()
-                    nursery.start_soon(self._feed, to_worker, changes, reloads_out)
-                    nursery.start_soon(self._collect, index, from_worker, decoder)
+                    nursery.start_soon(_until_broken, self._feed, to_worker, changes, reloads_out)
+                    nursery.start_soon(_until_broken, self._collect, index, from_worker, decoder)
                     exited = trio.Event()
                     nursery.start_soon(_wait_exit, process, exited)
                     with trio.CancelScope() as waiting:
                         nursery.start_soon(_cancel_on, exited, waiting)
                         await ctx.wait_stop_requested()
                     if exited.is_set():
-                        raise WorkerCrashed(
-                            f"gRPC worker {index} exited ({_describe(process.returncode)})"
-                        )
+                        crashed = f"gRPC worker {index} exited ({_describe(process.returncode)})"
                     nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (the start's OSError, a bad frame) reads better bare.
+            leaves = list(_leaves(group))
+            if len(leaves) == 1 and isinstance(leaves[0], Exception):
+                raise leaves[0] from None
+            raise
         finally:
             self.pids.pop(index, None)
             self._in_flight.pop(index, None)
@@ -230,6 +235,9 @@ class WorkerGroup:
                 if process.returncode is None:
                     kill_group(process.pid, signal.SIGKILL)
                     await wait_for_exit(process)
+                await log.aclose()
+        if crashed is not None:
+            raise WorkerCrashed(crashed)
 
     async def _wait_ready(
         self,
@@ -304,6 +312,20 @@ async def _first_answer(
                 if message.errno is not None:
                     raise OSError(message.errno, message.message)
                 raise WorkerCrashed(f"gRPC worker could not start: {message.message}")
+
+
+async def _until_broken(work: Callable[..., Awaitable[None]], *args: Any) -> None:
+    # The worker is gone (or going): its exit, watched on its own, says how.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await work(*args)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 async def _wait_exit(process: subprocess.Popen[bytes], exited: trio.Event) -> None:

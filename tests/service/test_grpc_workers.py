@@ -302,6 +302,7 @@ async def test_a_worker_killed_with_sigkill_is_replaced_and_the_port_keeps_servi
         for _ in range(8):
             await trio.to_thread.run_sync(the_port_serves)
         replaced = await wait_workers(t, not_pids=frozenset({victim}))
+        await t.wait_log("gRPC worker 0 exited (killed by SIGKILL)")
         assert replaced[1] == pids[1]
 
         def every_worker_serves() -> None:
