@@ -25,6 +25,7 @@ from ..models import (
     ModelInfo,
     ModelNotDownloaded,
     ModelNotFound,
+    RegistryStopped,
     TooManyModels,
 )
 from .errors import Error
@@ -81,6 +82,8 @@ def _refusal(exc: Exception) -> _Refusal:
         return _Refusal(502, "MODEL_DOWNLOAD_FAILED", str(exc))
     if isinstance(exc, InvalidModelId):
         return _Refusal(400, "VALIDATION_ERROR", f"Validation error: {exc}")
+    if isinstance(exc, RegistryStopped):
+        return _Refusal(503, "BACKEND_UNAVAILABLE", str(exc))
     if isinstance(exc, TooManyModels):
         return _Refusal(422, "MAX_MODELS_REACHED", str(exc))
     raise exc

@@ -351,7 +351,13 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "partial is left in the cache."
             ),
             "parameters": _MODEL_ID,
-            "responses": {"200": _MODEL, "404": _ERROR, "409": _ERROR, "502": _ERROR},
+            "responses": {
+                "200": _MODEL,
+                "404": _ERROR,
+                "409": _ERROR,
+                "502": _ERROR,
+                "503": _ERROR,
+            },
         }
     },
     "/models/{model_id}/load": {
@@ -363,7 +369,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 "it is not downloaded."
             ),
             "parameters": _MODEL_ID,
-            "responses": {"200": _MODEL, "404": _ERROR, "409": _ERROR},
+            "responses": {"200": _MODEL, "404": _ERROR, "409": _ERROR, "503": _ERROR},
         }
     },
     "/instances/{name}/info": {

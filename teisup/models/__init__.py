@@ -26,7 +26,7 @@ from .registry import (
     TooManyModels,
     check_model_id,
 )
-from .service import DownloadFailed, ModelService
+from .service import DownloadFailed, ModelService, RegistryStopped
 from .smoke import InstanceSmokeTest, Loader, smoke_instance_name
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "ModelStatus",
     "Progress",
     "ProgressReport",
+    "RegistryStopped",
     "TooManyModels",
     "check_model_id",
     "hub_cache_dir",

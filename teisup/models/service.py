@@ -32,11 +32,18 @@ from .registry import (
 )
 from .smoke import Loader
 
-__all__ = ["DownloadFailed", "ModelService"]
+__all__ = ["DownloadFailed", "ModelService", "RegistryStopped"]
 
 logger = logging.getLogger("teisup.models")
 
 T = TypeVar("T")
+
+
+class RegistryStopped(RuntimeError):
+    """The registry's worker is not running (starting, restarting or stopping)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model registry is not running; try again")
 
 
 class DownloadFailed(Exception):
@@ -122,9 +129,7 @@ class ModelService:
 
     async def _in_worker(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` in the worker's nursery and wait for it: the caller may go, it stays."""
-        nursery = self._nursery
-        if nursery is None:
-            raise RuntimeError("the model registry is not running")
+        nursery = self._running()
         done = trio.Event()
         outcome: list[T] = []
         failure: list[BaseException] = []
@@ -141,7 +146,14 @@ class ModelService:
         await done.wait()
         if failure:
             raise failure[0]
+        if not outcome:
+            raise RegistryStopped  # the worker stopped (or restarted) under the job
         return outcome[0]
+
+    def _running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RegistryStopped
+        return self._nursery
 
     # -- what the API calls ----------------------------------------------------
 
@@ -171,11 +183,12 @@ class ModelService:
         """Have ``model_id``'s files in the cache; the model once they are.
 
         Already downloaded: at once, nothing fetched. Raises `ModelNotFound`,
-        `ModelBusy`, or `DownloadFailed` (the model then says why).
+        `ModelBusy`, `RegistryStopped`, or `DownloadFailed` (the model then says why).
         """
         await self.get(model_id)
         if self.registry.cached(model_id) is not None:
             return self.registry.get(model_id)
+        self._running()  # before the model is marked: nothing would run the download
         self.registry.begin_download(model_id)
         self._logged_step[model_id] = -1
         logger.info("downloading model %s into %s", model_id, self.cache_dir)
@@ -243,6 +256,7 @@ class ModelService:
         `ModelBusy`, `ModelNotDownloaded`.
         """
         await self.get(model_id)
+        self._running()
         self.registry.begin_load(model_id)
         logger.info("smoke test of model %s: starting an instance", model_id)
 

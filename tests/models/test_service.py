@@ -21,6 +21,7 @@ from teisup.models import (
     ModelService,
     ModelStatus,
     ProgressReport,
+    RegistryStopped,
     smoke_instance_name,
 )
 
@@ -234,3 +235,45 @@ async def test_smoke_test_instances_an_earlier_run_left_are_deleted_at_start_up(
     loader = FakeLoader()
     await running(service_with(loader=loader), nursery)
     assert loader.forgot
+
+
+async def test_work_asked_of_a_stopped_registry_is_refused_and_leaves_the_model_as_it_was(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    downloader = FakeDownloader()
+    service = service_with(downloader, in_cache=[cached("org/found")])
+    service.registry.register(MODEL, 0.0)
+    service.registry.observe_cache([cached("org/found")], 0.0)
+    # Not running yet: refused before the model is marked.
+    with pytest.raises(RegistryStopped):
+        await service.download(MODEL)
+    with pytest.raises(RegistryStopped):
+        await service.load("org/found")
+    assert service.registry.get(MODEL).status is ModelStatus.AVAILABLE
+
+    # Stopped under a running download: the caller hears it, the model is free again.
+    async with trio.open_nursery() as outer:
+        worker = trio.CancelScope()
+
+        async def run_worker() -> None:
+            with worker:
+                await service.serve()
+
+        outer.start_soon(run_worker)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as calls:
+
+            async def call() -> None:
+                with pytest.raises(RegistryStopped):
+                    await service.download(MODEL)
+
+            calls.start_soon(call)
+            await downloader.halfway.wait()
+            worker.cancel()
+    info = service.registry.get(MODEL)
+    assert (info.status, info.downloaded, info.download_error) == (
+        ModelStatus.FAILED,
+        False,
+        "interrupted",
+    )
+    service.registry.begin_download(MODEL)  # not busy any more
