@@ -123,6 +123,11 @@ def test_every_row_has_a_known_status_and_says_why_where_it_differs() -> None:
     assert len(items) == len(set(items)), "a row is there twice"
 
 
+def test_nothing_of_tei_manager_or_tei_is_missing() -> None:
+    missing = [f"{r.area} {r.item}" for r in rows() if r.status == "missing"]
+    assert not missing, missing
+
+
 def test_every_route_it_lists_is_served_and_every_served_route_is_listed() -> None:
     served = served_routes()
     listed: set[str] = set()
