@@ -18,6 +18,10 @@ from .hub import LoopbackHub
 Report = tuple[int, int | None, int, int | None]
 
 
+def ignore(*report: object) -> None:
+    pass
+
+
 def file_sizes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in directory.iterdir()}
 
@@ -58,7 +62,7 @@ async def test_a_download_cut_halfway_leaves_nothing_that_looks_complete(
     cache = tmp_path / "hub"
     hub.cut.add(WEIGHTS)
     with pytest.raises(DownloadError):
-        await HubDownloader(cache, endpoint=hub.url).download(TINY, lambda *r: None)
+        await HubDownloader(cache, endpoint=hub.url).download(TINY, ignore)
     assert cached_model(cache, TINY) is None
     assert scan(cache) == []
     assert not (cache / repo_folder(TINY)).exists()
@@ -71,7 +75,7 @@ async def test_an_unknown_repository_is_a_download_error_naming_it(
     hub: LoopbackHub, tmp_path: Path
 ) -> None:
     with pytest.raises(DownloadError, match=r"(?i)not found|404"):
-        await HubDownloader(tmp_path, endpoint=hub.url).download("nobody/none", lambda *r: None)
+        await HubDownloader(tmp_path, endpoint=hub.url).download("nobody/none", ignore)
     assert scan(tmp_path) == []
 
 
@@ -81,7 +85,7 @@ async def test_a_cancelled_download_leaves_only_staging_which_the_next_start_rem
     cache = tmp_path / "hub"
     hub.held.add(WEIGHTS)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(HubDownloader(cache, endpoint=hub.url).download, TINY, print)
+        nursery.start_soon(HubDownloader(cache, endpoint=hub.url).download, TINY, ignore)
         await trio.to_thread.run_sync(hub.holding.wait, 60)
         nursery.cancel_scope.cancel()
     assert cached_model(cache, TINY) is None
