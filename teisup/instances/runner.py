@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from ..supervision import ChildContext, ExitKind, ExitReason
+from ..supervision import ChildContext, ExitReason
 from .exits import ExitCause, InstanceExit
 from .health import HealthPolicy, HealthSettings, Verdict
 from .identity import PortOwner, PortOwnerCheck, proc_port_owner
@@ -121,11 +121,9 @@ class RunStatus:
     #: The error an operator should read: the line the process died of (kept
     #: after the run, until a run is ready), or a failed health check's.
     last_error: str = ""
-    #: The current run's start-up phase (None when no process runs), when it
-    #: began and when the run was spawned (both on the runner's clock), and a
-    #: download's percentage.
+    #: The current run's start-up phase (None when no process runs), when the
+    #: run was spawned (on the runner's clock), and a download's percentage.
     phase: Phase | None = None
-    phase_since: float = 0.0
     spawned_at: float = 0.0
     progress: float | None = None
     #: Wall-clock seconds at which the last run ended.
@@ -239,9 +237,8 @@ class InstanceRunner:
             raise RuntimeError(detail) from exc
         self.status.pid = process.pid
         ctx.report_pid(process.pid)
-        now = self._clock()
-        self.status.spawned_at = now
-        self._enter(Phase.SPAWNED, now)
+        self.status.spawned_at = self._clock()
+        self._enter(Phase.SPAWNED)
         self._log(logging.INFO, "spawned", "started pid %d: %s", process.pid, " ".join(argv))
         exit: InstanceExit | None = None
         try:
@@ -260,7 +257,7 @@ class InstanceRunner:
             self.status.progress = None
             self.status.exited_at = self._wall_clock()
             self.status.last_exit = exit or InstanceExit(ExitCause.CANCELLED, "cancelled")
-            if exit is not None and exit.kind is not ExitKind.SHUTDOWN and exit.cause.failed:
+            if exit is not None and exit.cause.failed:
                 self.status.last_error = exit.error or exit.detail
 
     def _log(self, level: int, event: str, message: str, *args: object) -> None:
@@ -274,9 +271,9 @@ class InstanceRunner:
             fields["pid"] = self.status.pid
         logger.log(level, "instance %s: " + message, self.spec.name, *args, extra=fields)
 
-    def _enter(self, phase: Phase, now: float, progress: float | None = None) -> None:
+    def _enter(self, phase: Phase, progress: float | None = None) -> None:
         status = self.status
-        status.phase, status.phase_since, status.progress = phase, now, progress
+        status.phase, status.progress = phase, progress
         if self._on_phase is not None:
             self._on_phase(self.spec.name, phase)
 
@@ -290,7 +287,7 @@ class InstanceRunner:
             return  # readiness is the health check's to declare
         said = line.message if line.message is not None else line.text
         if seen.phase is not status.phase:
-            self._enter(seen.phase, self._clock(), seen.progress)
+            self._enter(seen.phase, seen.progress)
         elif seen.progress is not None:
             # A progress bar prints many lines: tell every tenth percent only.
             before = status.progress or 0.0
@@ -306,20 +303,21 @@ class InstanceRunner:
             fresh = self._reassign() if self._reassign is not None else None
         except PortError as exc:
             detail = f"{exit.detail}; no other port is free: {exc}"
-            logger.error("instance %s: %s", self.spec.name, detail)
+            self._log(logging.ERROR, "port_taken", "%s", detail)
             return msgspec.structs.replace(exit, detail=detail)
         if fresh is None:
             detail = (
                 f"{exit.detail}; port {old} was set for this instance, so it is kept: "
                 "free it, or give the instance another port"
             )
-            logger.error("instance %s: %s", self.spec.name, detail)
+            self._log(logging.ERROR, "port_taken", "%s", detail)
             return msgspec.structs.replace(exit, detail=detail)
         self.ports = fresh
         detail = f"{exit.detail}; the next run gets port {fresh.port}"
-        logger.warning(
-            "instance %s: port %d is taken by another process; moving to port %d",
-            self.spec.name,
+        self._log(
+            logging.WARNING,
+            "port_moved",
+            "port %d is taken by another process; moving to port %d",
             old,
             fresh.port,
         )
@@ -467,7 +465,7 @@ class InstanceRunner:
             if verdict is Verdict.READY:
                 self.status.last_error = ""
                 took = now - self.status.spawned_at
-                self._enter(Phase.READY, now)
+                self._enter(Phase.READY)
                 self._log(
                     logging.INFO, "ready", "ready on port %d after %.1fs", self.ports.port, took
                 )
@@ -503,9 +501,10 @@ class InstanceRunner:
             await exited.wait()
         if exited.is_set():
             return InstanceExit(ExitCause.STOPPED, "stopped")
-        logger.warning(
-            "instance %s: no exit %gs after SIGTERM; sending SIGKILL",
-            self.spec.name,
+        self._log(
+            logging.WARNING,
+            "kill",
+            "no exit %gs after SIGTERM; sending SIGKILL",
             self.spec.stop_grace_secs,
         )
         await self._kill(process, exited)
