@@ -18,17 +18,17 @@ a lone caller never waits. Two kinds of callers are expected:
 * *callers coming back*: every answered entry is a caller that may send its
   next request soon (a client looping on unary calls, or a pool of them); each
   arrival is one of them back. Answers older than ``return_s`` no longer count,
-  nor do those still out when a wait ends.
-  This keeps 32 clients calling in a loop in batches of 32, instead of the
-  batch of the first few to come back running while the rest arrive, split in
-  two passes that each fight the event loop for the cores;
+  nor do those still out when a wait ends. This keeps 32 clients calling in
+  a loop in batches of 32, instead of the batch of the first few to come back
+  running while the rest arrive, split in two passes that each fight the event
+  loop for the cores;
 * *open streams* (`OpenStream.expects_more`): a stream that has just started,
   or whose client keeps several requests outstanding.
 
 While someone is expected, the batcher waits for the next arrival, at most
-``quiet_s`` after the last arrival or answer, and never longer in all than ``max_s`` nor a
-quarter of the last pass (waiting for a batch is worth it only against the
-cost of a pass). Before each decision the event loop first finishes what it is
+``quiet_s`` after the last arrival or answer, and never longer in all than
+``max_s`` nor a quarter of the last pass (waiting for a batch is worth it only
+against the cost of a pass). Before each decision the event loop first finishes what it is
 already doing (until every other task is blocked), so requests being
 received, parsed and tokenized right now are in the queue.
 
