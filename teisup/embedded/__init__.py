@@ -7,6 +7,7 @@ manager launches it exactly as it launches TEI (`teisup.instances.resolve_launch
 
 * `cli`: the command line and its environment variables;
 * `models`: offline model resolution (directory, HF cache, packaged model);
+  its `hub_cache_dir` and `repo_folder` are the cache lookup `teisup.models` shares;
 * `engine`: the model, tokenization and forward passes;
 * `batcher`: TEI-style token-budget batching, inference in a worker thread;
 * `server` and `service`: the gRPC server and the ``tei.v1`` services,
@@ -18,5 +19,6 @@ Importing this package does not import torch; only loading a model does.
 """
 
 from .app import main
+from .models import hub_cache_dir, repo_folder
 
-__all__ = ["main"]
+__all__ = ["hub_cache_dir", "main", "repo_folder"]

@@ -22,7 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PACKAGED_MODELS", "ModelNotFound", "ResolvedModel", "hub_cache_dir", "resolve_model"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "ModelNotFound",
+    "ResolvedModel",
+    "hub_cache_dir",
+    "repo_folder",
+    "resolve_model",
+]
 
 PACKAGED_MODELS: Mapping[str, tuple[str, str]] = {
     # model id (compared case-insensitively, as the Hub does) -> (module, directory in it)
@@ -54,11 +61,16 @@ class ResolvedModel:
     """``"directory"``, ``"hub-cache"`` or ``"package:<module>"``."""
 
 
-def hub_cache_dir(explicit: str | None, env: Mapping[str, str]) -> Path:
-    """The HuggingFace hub cache directory, as hf-hub picks it."""
+def hub_cache_dir(env: Mapping[str, str], explicit: str | None = None) -> Path:
+    """The hub cache huggingface_hub and TEI use: ``explicit`` (TEI's
+    ``--huggingface-hub-cache``), else ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``,
+    ``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``.
+
+    The one lookup both the embedded backend and the model registry
+    (`teisup.models`) make, so the registry lists what an instance would load."""
     if explicit:
         return Path(explicit).expanduser()
-    for name in ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if env.get(name):
             return Path(env[name]).expanduser()
     if env.get("HF_HOME"):
@@ -68,8 +80,13 @@ def hub_cache_dir(explicit: str | None, env: Mapping[str, str]) -> Path:
     return Path("~/.cache/huggingface/hub").expanduser()
 
 
+def repo_folder(model_id: str) -> str:
+    """``models--org--name``: the cache's directory of a model."""
+    return "models--" + model_id.replace("/", "--")
+
+
 def _from_hub_cache(cache: Path, model_id: str, revision: str | None) -> Path | None:
-    repo = cache / ("models--" + model_id.replace("/", "--"))
+    repo = cache / repo_folder(model_id)
     snapshots = repo / "snapshots"
     wanted = revision or "main"
     ref = repo / "refs" / wanted
@@ -119,7 +136,7 @@ def resolve_model(
         places.append(f"local directory {local}: no config.json in it")
     else:
         places.append(f"local directory {local}: does not exist")
-    cache = hub_cache_dir(hub_cache, environ)
+    cache = hub_cache_dir(environ, hub_cache)
     found = _from_hub_cache(cache, model_id, revision)
     if found is not None:
         return ResolvedModel(model_id, found, "hub-cache")

@@ -18,11 +18,11 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 
+from ..embedded import hub_cache_dir, repo_folder
 from .registry import CachedModel, ModelMetadata
 
 __all__ = [
@@ -52,24 +52,6 @@ _METADATA_KEYS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
-
-
-def hub_cache_dir(env: Mapping[str, str]) -> Path:
-    """The hub cache huggingface_hub and TEI use: ``HF_HUB_CACHE``, ``$HF_HOME/hub``,
-    ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``."""
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(name):
-            return Path(env[name]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
-    return Path("~/.cache/huggingface/hub").expanduser()
-
-
-def repo_folder(model_id: str) -> str:
-    """``models--org--name``: the cache's directory of a model."""
-    return "models--" + model_id.replace("/", "--")
 
 
 def _metadata(snapshot: Path) -> ModelMetadata:
