@@ -685,14 +685,17 @@ class Supervisor:
         self._settle_exit(
             child, exit, Trigger.RESTARTING, f"{exit}; restart in {decision.delay:g}s"
         )
-        child.next_restart_at = decision.at
+        # Due `delay` after the backoff was announced (its event's time), which
+        # is later than `now` by the deciding and the logging: "restart in
+        # 0.1s" never comes sooner.
+        child.next_restart_at = max(decision.at, trio.current_time() + decision.delay)
         reason = f"restarting with {child.id!r}"
         for sibling_id in plan.stop:
             await self._shutdown(self._get(sibling_id), reason)
         self._forget(plan.drop)
         for sibling_id in plan.schedule:
             sibling = self._get(sibling_id)
-            sibling.next_restart_at = max(sibling.next_restart_at or 0.0, decision.at)
+            sibling.next_restart_at = max(sibling.next_restart_at or 0.0, child.next_restart_at)
             self._fire(sibling, Trigger.SCHEDULE, reason)
 
     async def _restart_due(self) -> None:

@@ -85,18 +85,19 @@ async def test_an_instance_runs_answers_and_stops(tmp_path: Path) -> None:
 
 async def test_a_crash_is_restarted_after_a_backoff(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        async with running_manager(tmp_path, env={"FAKE_TEI_CRASH_AFTER": "0.3"}) as manager:
+        # The double crashes 1 s after it starts, ready or not: on a loaded
+        # machine it may not have reached running by then, so the first crash
+        # is awaited whatever came before it, and running only afterwards.
+        async with running_manager(tmp_path, env={"FAKE_TEI_CRASH_AFTER": "1"}) as manager:
             with manager.supervisor.events.subscribe() as events:
                 await manager.create(spec())
-                first = (await wait_for(events, "bge-small", ChildState.RUNNING)).time
                 backoff = await wait_for(events, "bge-small", ChildState.BACKOFF)
                 assert "exited with code 1" in backoff.reason
-                assert "restart in 0.1s" in backoff.reason
+                assert "restart in 0.1s" in backoff.reason  # the first step
                 again = (await wait_for(events, "bge-small", ChildState.STARTING)).time
                 assert again - backoff.time >= 0.1
                 await wait_for(events, "bge-small", ChildState.RUNNING)
-            assert again > first
-            assert manager.get("bge-small").restarts == 1
+            assert manager.get("bge-small").restarts >= 1
 
 
 async def test_a_model_that_cannot_load_ends_failed_with_the_reason(tmp_path: Path) -> None:
