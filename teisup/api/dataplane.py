@@ -277,6 +277,22 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         )
         return [answer]
 
+    def truncation(options: Any, target: mux_pb2.Target) -> dict[str, Any]:
+        """The ``truncate`` and ``truncation_direction`` fields of a request's ``options``."""
+        return {
+            "truncate": truncating(options.truncate, target),
+            "truncation_direction": _direction(options.truncation_direction),
+        }
+
+    async def per_text(
+        target: mux_pb2.Target, service: str, method: str, texts: list[Any],
+        request_type: Any, response_type: Any, **fields: Any,
+    ) -> list[Any]:  # fmt: skip
+        """One ``request_type(inputs=text, **fields)`` per text, through `many`
+        (``method``, or its ``<method>Stream`` for a batch)."""
+        requests = [request_type(inputs=text, **fields) for text in texts]
+        return await many(target, service, method, f"{method}Stream", requests, response_type)
+
     async def answer(
         method: str,
         produce: Callable[[], Awaitable[Any]],
@@ -305,43 +321,21 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
 
     async def embed(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedBody)
-        texts = _inputs(body.inputs)
-        requests = [
-            tei_pb2.EmbedRequest(
-                inputs=text,
-                truncate=truncating(body.truncate, target),
-                normalize=body.normalize,
-                truncation_direction=_direction(body.truncation_direction),
-                prompt_name=body.prompt_name,
-                dimensions=body.dimensions,
-            )
-            for text in texts
-        ]
-        answers = await many(
-            target, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
-        )
+        answers = await per_text(
+            target, "tei.v1.Embed", "Embed", _inputs(body.inputs),
+            tei_pb2.EmbedRequest, tei_pb2.EmbedResponse,
+            normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions,
+            **truncation(body, target),
+        )  # fmt: skip
         return [list(a.embeddings) for a in answers]
 
     async def embed_sparse(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedBody)
-        texts = _inputs(body.inputs)
-        requests = [
-            tei_pb2.EmbedSparseRequest(
-                inputs=text,
-                truncate=truncating(body.truncate, target),
-                truncation_direction=_direction(body.truncation_direction),
-                prompt_name=body.prompt_name,
-            )
-            for text in texts
-        ]
-        answers = await many(
-            target,
-            "tei.v1.Embed",
-            "EmbedSparse",
-            "EmbedSparseStream",
-            requests,
-            tei_pb2.EmbedSparseResponse,
-        )
+        answers = await per_text(
+            target, "tei.v1.Embed", "EmbedSparse", _inputs(body.inputs),
+            tei_pb2.EmbedSparseRequest, tei_pb2.EmbedSparseResponse,
+            prompt_name=body.prompt_name, **truncation(body, target),
+        )  # fmt: skip
         return [
             [{"index": v.index, "value": v.value} for v in a.sparse_embeddings] for a in answers
         ]
@@ -354,10 +348,9 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
         message = tei_pb2.RerankRequest(
             query=body.query,
             texts=body.texts,
-            truncate=truncating(body.truncate, target),
             raw_scores=body.raw_scores,
             return_text=body.return_text,
-            truncation_direction=_direction(body.truncation_direction),
+            **truncation(body, target),
         )
         (answer,) = await many(
             target, "tei.v1.Rerank", "Rerank", "", [message], tei_pb2.RerankResponse
@@ -371,18 +364,10 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
 
     async def tokenize(target: mux_pb2.Target) -> Any:
         body = await _decode(TokenizeBody)
-        texts = _inputs(body.inputs)
-        requests = [
-            tei_pb2.EncodeRequest(
-                inputs=text,
-                add_special_tokens=body.add_special_tokens,
-                prompt_name=body.prompt_name,
-            )
-            for text in texts
-        ]
-        answers = await many(
-            target, "tei.v1.Tokenize", "Tokenize", "TokenizeStream", requests,
-            tei_pb2.EncodeResponse,
+        answers = await per_text(
+            target, "tei.v1.Tokenize", "Tokenize", _inputs(body.inputs),
+            tei_pb2.EncodeRequest, tei_pb2.EncodeResponse,
+            add_special_tokens=body.add_special_tokens, prompt_name=body.prompt_name,
         )  # fmt: skip
         return [
             [
@@ -400,29 +385,16 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
 
     async def embed_all(target: mux_pb2.Target) -> Any:
         body = await _decode(EmbedAllBody)
-        texts = _inputs(body.inputs)
-        requests = [
-            tei_pb2.EmbedAllRequest(
-                inputs=text,
-                truncate=truncating(body.truncate, target),
-                truncation_direction=_direction(body.truncation_direction),
-                prompt_name=body.prompt_name,
-            )
-            for text in texts
-        ]
-        answers = await many(
-            target, "tei.v1.Embed", "EmbedAll", "EmbedAllStream", requests,
-            tei_pb2.EmbedAllResponse,
+        answers = await per_text(
+            target, "tei.v1.Embed", "EmbedAll", _inputs(body.inputs),
+            tei_pb2.EmbedAllRequest, tei_pb2.EmbedAllResponse,
+            prompt_name=body.prompt_name, **truncation(body, target),
         )  # fmt: skip
         return [[list(t.embeddings) for t in a.token_embeddings] for a in answers]
 
     async def predict(target: mux_pb2.Target) -> Any:
         body = await _decode(PredictBody, texts_only=False)
-        options = {
-            "truncate": truncating(body.truncate, target),
-            "raw_scores": body.raw_scores,
-            "truncation_direction": _direction(body.truncation_direction),
-        }
+        options = {"raw_scores": body.raw_scores, **truncation(body, target)}
         single = _predict_single(body.inputs)
         if single is not None:
             request = tei_pb2.PredictPairRequest(inputs=single, **options)
@@ -430,13 +402,9 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
                 target, "tei.v1.Predict", "PredictPair", "", [request], tei_pb2.PredictResponse
             )
             return _predictions(one)
-        requests = [
-            tei_pb2.PredictPairRequest(inputs=pair, **options)
-            for pair in _predict_batch(body.inputs)
-        ]
-        answers = await many(
-            target, "tei.v1.Predict", "PredictPair", "PredictPairStream", requests,
-            tei_pb2.PredictResponse,
+        answers = await per_text(
+            target, "tei.v1.Predict", "PredictPair", _predict_batch(body.inputs),
+            tei_pb2.PredictPairRequest, tei_pb2.PredictResponse, **options,
         )  # fmt: skip
         return [_predictions(a) for a in answers]
 
@@ -448,19 +416,10 @@ def add_data_plane(app: QuartTrio, data: MultiplexerService, *, max_body: int) -
             )
         texts = _inputs([body.inputs.source_sentence, *body.inputs.sentences])
         parameters = body.parameters or SimilarityParameters()
-        requests = [
-            tei_pb2.EmbedRequest(
-                inputs=text,
-                truncate=truncating(parameters.truncate, target),
-                normalize=True,
-                truncation_direction=_direction(parameters.truncation_direction),
-                prompt_name=parameters.prompt_name,
-            )
-            for text in texts
-        ]
-        answers = await many(
-            target, "tei.v1.Embed", "Embed", "EmbedStream", requests, tei_pb2.EmbedResponse
-        )
+        answers = await per_text(
+            target, "tei.v1.Embed", "Embed", texts, tei_pb2.EmbedRequest, tei_pb2.EmbedResponse,
+            normalize=True, prompt_name=parameters.prompt_name, **truncation(parameters, target),
+        )  # fmt: skip
         source, *others = (list(a.embeddings) for a in answers)
         return [_cosine(source, other) for other in others]
 
