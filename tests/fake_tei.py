@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A stand-in for TEI 1.8.3's gRPC router (``text-embeddings-router``), for tests.
+"""A stand-in for TEI's gRPC router (``text-embeddings-router``, reporting 1.9.3), for tests.
 
 Run it as TEI would be run::
 
@@ -23,7 +23,7 @@ What it does, in TEI's order:
 3. serves ``grpc.health.v1.Health`` (``""``, ``tei.v1.Info``, ``tei.v1.Embed``
    and ``tei.v1.Tokenize`` SERVING; ``tei.v1.Predict`` and ``tei.v1.Rerank``
    NOT_SERVING, as for an embedding model) and ``tei.v1.Info`` (version
-   "1.8.3", ``--model-id``, ``--revision`` as ``model_sha``, ``--dtype`` or
+   "1.9.3", ``--model-id``, ``--revision`` as ``model_sha``, ``--dtype`` or
    "float32", max_input_length 512 and the limits from the flags). No other TEI
    service (but see ``FAKE_TEI_RECORD``), no metrics listener on
    ``--prometheus-port``, no API-key check;
@@ -103,7 +103,7 @@ from teisup.proto.grpc.health.v1 import health_pb2
 from teisup.proto.tei.v1 import tei_grpc, tei_pb2
 from teisup.rpc import HealthServicer, Server, ServingStatus
 
-VERSION = "1.8.3"
+VERSION = "1.9.3"
 BIND_HOST = "127.0.0.1"
 
 # Where real TEI logs each line from (target, file, line), for faithful log lines.

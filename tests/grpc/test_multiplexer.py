@@ -218,7 +218,7 @@ async def test_no_queueing_at_all_still_serves_free_slots(fake_backend: Any) -> 
     async with running_mux(Instances(record), queue_timeout=0) as m:
         for _ in range(2):  # the slot is taken and given back each time
             info = await call(m, lambda s: s.Info(mux.InfoRequest(target=target("one"))))
-            assert info.version == "1.8.3"
+            assert info.version == "1.9.3"
 
 
 async def test_restarted_instance_gets_a_new_connection(fake_backend: Any) -> None:

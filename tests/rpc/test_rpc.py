@@ -359,7 +359,7 @@ async def test_fake_tei_serves_info_and_health_and_exits_0_on_sigterm() -> None:
     async with fake_tei(*flags) as fake:
         port = await fake.wait_ready()
         info = await fetch_info(LOCAL, port, timeout=5)
-        assert info.version == "1.8.3"
+        assert info.version == "1.9.3"
         assert info.model_id == "BAAI/bge-small-en-v1.5"
         assert info.model_sha == "abc123"
         assert info.model_type == tei_pb2.MODEL_TYPE_EMBEDDING
@@ -499,7 +499,7 @@ async def test_grpcio_client_talks_to_the_fake() -> None:
         info, embed, unknown = await trio.to_thread.run_sync(call, port)
         fake.proc.send_signal(signal.SIGTERM)
         assert await fake.wait() == 0
-    assert (info.version, info.model_id) == ("1.8.3", "BAAI/bge-small-en-v1.5")
+    assert (info.version, info.model_id) == ("1.9.3", "BAAI/bge-small-en-v1.5")
     assert embed == health_pb2.HealthCheckResponse.SERVING
     assert unknown == grpc.StatusCode.NOT_FOUND
 
