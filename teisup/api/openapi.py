@@ -43,7 +43,17 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-_ERROR = {"description": "an error", **_json_body(_ref("Error"))}
+def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A response: its description and its JSON body's schema."""
+    return {"description": description, **_json_body(schema)}
+
+
+def _request(schema: dict[str, Any]) -> dict[str, Any]:
+    """A required JSON request body of ``schema``."""
+    return {"required": True, **_json_body(schema)}
+
+
+_ERROR = _answer("an error", _ref("Error"))
 #: Instance names are what InstanceSpec allows; no other name can exist.
 _NAME = [
     {
@@ -53,7 +63,7 @@ _NAME = [
         "schema": {"type": "string", "pattern": NAME_PATTERN},
     }
 ]
-_INSTANCE = {"description": "the instance", **_json_body(_ref("InstanceInfo"))}
+_INSTANCE = _answer("the instance", _ref("InstanceInfo"))
 #: A lifecycle call's answer: applied, and whether it is on disk yet.
 _DURABLE = {
     "X-Teisup-Durable": {
@@ -104,10 +114,10 @@ _MODEL_ID = [
         "schema": {"type": "string", "minLength": 1},
     }
 ]
-_MODEL = {"description": "the model", **_json_body(_ref("ModelInfo"))}
+_MODEL = _answer("the model", _ref("ModelInfo"))
 
-_DATA_ERROR = {"description": "a TEI-style error", **_json_body(_ref("TeiError"))}
-_OPENAI_ERROR = {"description": "an OpenAI-style error", **_json_body(_ref("OpenAIError"))}
+_DATA_ERROR = _answer("a TEI-style error", _ref("TeiError"))
+_OPENAI_ERROR = _answer("an OpenAI-style error", _ref("OpenAIError"))
 _DATA_CODES = ("400", "404", "413", "422", "424", "429", "502", "503", "504")
 
 _NUMBER = {"type": "number"}
@@ -189,39 +199,29 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/openapi.json": {
         "get": {
             "summary": "This document",
-            "responses": {"200": {"description": "OpenAPI 3.1", **_json_body({"type": "object"})}},
+            "responses": {"200": _answer("OpenAPI 3.1", {"type": "object"})},
         }
     },
     "/gpus": {
         "get": {
             "summary": "GPUs seen through NVML (empty without a driver)",
-            "responses": {
-                "200": {
-                    "description": "GPUs",
-                    **_json_body({"type": "array", "items": _ref("GpuInfo")}),
-                }
-            },
+            "responses": {"200": _answer("GPUs", _rows(_ref("GpuInfo")))},
         }
     },
     "/supervisor/tree": {
         "get": {
             "summary": "The supervision tree",
-            "responses": {"200": {"description": "the root node", **_json_body(_ref("TreeNode"))}},
+            "responses": {"200": _answer("the root node", _ref("TreeNode"))},
         }
     },
     "/instances": {
         "get": {
             "summary": "All instances, by name",
-            "responses": {
-                "200": {
-                    "description": "instances",
-                    **_json_body({"type": "array", "items": _ref("InstanceInfo")}),
-                }
-            },
+            "responses": {"200": _answer("instances", _rows(_ref("InstanceInfo")))},
         },
         "post": {
             "summary": "Create an instance and start it (answers at once, state starting)",
-            "requestBody": {"required": True, **_json_body(_ref("InstanceSpec"))},
+            "requestBody": _request(_ref("InstanceSpec")),
             "responses": {"201": _APPLIED, "400": _ERROR, "413": _ERROR},
         },
     },
@@ -273,10 +273,9 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
                 },
             ],
             "responses": {
-                "200": {
-                    "description": "log lines",
-                    **_json_body({"anyOf": [_ref("LogsResponse"), _ref("ParsedLogsResponse")]}),
-                },
+                "200": _answer(
+                    "log lines", {"anyOf": [_ref("LogsResponse"), _ref("ParsedLogsResponse")]}
+                ),
                 "400": _ERROR,
                 "404": _ERROR,
             },
@@ -294,9 +293,9 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "post": {
                 "summary": f"TEI's POST /{route} on this instance (data plane)",
                 "parameters": _NAME,
-                "requestBody": {"required": True, **_json_body(_ref(body))},
+                "requestBody": _request(_ref(body)),
                 "responses": {
-                    "200": {"description": f"TEI's /{route} answer", **_json_body(answer)},
+                    "200": _answer(f"TEI's /{route} answer", answer),
                     **dict.fromkeys(_DATA_CODES, _DATA_ERROR),
                 },
             }
@@ -315,16 +314,11 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "/models": {
         "get": {
             "summary": "Registered models, by id (tei-manager's registry)",
-            "responses": {
-                "200": {
-                    "description": "models",
-                    **_json_body({"type": "array", "items": _ref("ModelInfo")}),
-                }
-            },
+            "responses": {"200": _answer("models", _rows(_ref("ModelInfo")))},
         },
         "post": {
             "summary": "Register a model (200 with the entry if it is registered already)",
-            "requestBody": {"required": True, **_json_body(_ref("ModelRegistration"))},
+            "requestBody": _request(_ref("ModelRegistration")),
             "responses": {
                 "200": _MODEL,
                 "201": _MODEL,
@@ -377,7 +371,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
             "summary": "TEI's GET /info of this instance (data plane)",
             "parameters": _NAME,
             "responses": {
-                "200": {"description": "TEI's /info answer", **_json_body(_TEI_INFO)},
+                "200": _answer("TEI's /info answer", _TEI_INFO),
                 **dict.fromkeys(_DATA_CODES, _DATA_ERROR),
             },
         }
@@ -386,7 +380,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         path: {
             "post": {
                 "summary": "OpenAI-compatible embeddings; model = an instance name or a model id",
-                "requestBody": {"required": True, **_json_body(_ref("OpenAIEmbeddingsBody"))},
+                "requestBody": _request(_ref("OpenAIEmbeddingsBody")),
                 "responses": {
                     "200": {"description": "OpenAI's embedding list"},
                     **dict.fromkeys(_DATA_CODES, _OPENAI_ERROR),
@@ -399,7 +393,7 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "get": {
             "summary": "OpenAI's model list: what /v1/embeddings accepts as model",
             "description": "Every instance name, then every model id not already listed.",
-            "responses": {"200": {"description": "the models", **_json_body(_MODEL_LIST)}},
+            "responses": {"200": _answer("the models", _MODEL_LIST)},
         }
     },
 }
