@@ -190,7 +190,7 @@ def main() -> int:
             # both sides see the same share of whatever else the machine runs.
             c = args.clients
             texts = sentences(c, offset=1000)
-            direct_texts = direct_s = served_calls = served_s = 0.0
+            direct_texts = direct_s = direct_cpu = served_calls = served_s = 0.0
             p50s: list[float] = []
             cpu = cpu_seconds(server.pid)
             batches = batch_sizes(prometheus)
@@ -199,11 +199,12 @@ def main() -> int:
                 for side in ("direct", "served") if r % 2 == 0 else ("served", "direct"):
                     if side == "direct":
                         model.encode(texts, batch_size=c)  # warm
-                        begin = time.perf_counter()
+                        begin, cpu_begin = time.perf_counter(), time.process_time()
                         while (took := time.perf_counter() - begin) < share:
                             model.encode(texts, batch_size=c)
                             direct_texts += c
                         direct_s += took
+                        direct_cpu += time.process_time() - cpu_begin
                     else:
                         calls, took, p50 = concurrent_clients(port, texts, share)
                         served_calls += calls
@@ -217,7 +218,9 @@ def main() -> int:
                 f"{c} concurrent unary clients, 1 text each: server {server_tps:.1f} t/s "
                 f"(p50 {sorted(p50s)[len(p50s) // 2] * 1e3:.1f} ms, mean batch {mean_batch:.1f}, "
                 f"server CPU {cpu_per_text * 1e3:.2f} ms/text), "
-                f"encode(batch_size={c}) {direct_tps:.1f} t/s, ratio {server_tps / direct_tps:.2f}"
+                f"encode(batch_size={c}) {direct_tps:.1f} t/s "
+                f"(CPU {direct_cpu / direct_texts * 1e3:.2f} ms/text), "
+                f"ratio {server_tps / direct_tps:.2f}"
             )
         print(f"server RSS after the runs: {rss_mib(server.pid):.0f} MiB")
     finally:

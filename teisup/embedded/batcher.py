@@ -234,7 +234,7 @@ class Batcher:
         max_concurrent_requests: int,
         metrics: Metrics,
         on_health: Callable[[bool], None] = lambda ok: None,
-        gather_quiet_s: float = 0.002,
+        gather_quiet_s: float = 0.005,
         gather_max_s: float = 0.05,
         return_s: float = 0.1,
     ) -> None:
