@@ -37,9 +37,9 @@ from ..instances import (
 from ..models import ModelService
 from ..security import AllowList, TlsReloader, bearer_matches, peer_certificate
 from ..supervision import ChildState, Supervisor, TransitionEvent
+from .bodies import ApiError, json_object
+from .bodies import error_response as _error
 from .dataplane import add_data_plane
-from .errors import Error
-from .jsonbody import JsonTooDeep, decode_json
 from .models import add_model_routes
 from .openapi import MAX_WAIT, LogsResponse, ParsedLine, ParsedLogsResponse, openapi_document
 from .responses import json_response as _json
@@ -114,28 +114,9 @@ class ControlPlane(Protocol):
     def models(self) -> ModelService: ...
 
 
-class ApiError(Exception):
-    """An error with its HTTP status and machine-readable code.
-
-    ``reason`` is teisup's finer code where tei-manager answers a general one
-    (VALIDATION_ERROR for a duplicate name): clients of tei-manager match
-    ``code``, and teisup's can tell the cases apart by ``reason``.
-    """
-
-    def __init__(self, status: int, code: str, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.reason = reason
-
-
 def _invalid(message: str) -> ApiError:
     """A request the control plane refuses: tei-manager's 400 VALIDATION_ERROR."""
     return ApiError(400, "VALIDATION_ERROR", message)
-
-
-def _error(status: int, code: str, message: str, reason: str | None = None) -> Response:
-    return _json(Error(message, code, _now(), reason), status)
 
 
 def _applied(info: InstanceInfo | None, durable: bool, status: int = 200) -> Response:
@@ -170,20 +151,7 @@ def _translate(exc: Exception) -> ApiError:
 
 async def _decode_spec(defaults: Mapping[str, object]) -> InstanceSpec:
     """The request's instance; ``defaults`` fill the fields it leaves out."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
-    body = await request.get_data(cache=False)
-    assert isinstance(body, bytes)
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        data = decode_json(body)
-    except JsonTooDeep as exc:
-        raise ApiError(400, "INVALID_JSON", str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _invalid("the body must be a JSON object")
+    data = await json_object(MAX_BODY_BYTES, "the body must be a JSON object")
     # tei-manager's CreateInstanceRequest makes every field but these two an
     # Option, which its typed clients send as null: null means "the default".
     given = {k: v for k, v in data.items() if v is not None or k in ("name", "model_id")}

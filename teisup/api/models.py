@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
-from quart import Response, request
+from quart import Response
 from quart_trio import QuartTrio
 
 from ..models import (
@@ -28,9 +28,8 @@ from ..models import (
     RegistryStopped,
     TooManyModels,
 )
-from .errors import Error
-from .jsonbody import JsonTooDeep, decode_json
-from .responses import json_response, now
+from .bodies import ApiError, error_response, json_object
+from .responses import json_response
 
 __all__ = ["ModelControl", "ModelRegistration", "add_model_routes"]
 
@@ -58,59 +57,34 @@ class ModelControl(Protocol):
     async def load(self, model_id: str) -> ModelInfo: ...
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return json_response(Error(message, code, now()), status)
-
-
-def _refusal(exc: Exception) -> _Refusal:
-    if isinstance(exc, _Refusal):
+def _refusal(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, ModelNotFound):
-        return _Refusal(404, "MODEL_NOT_FOUND", str(exc))
+        return ApiError(404, "MODEL_NOT_FOUND", str(exc))
     if isinstance(exc, ModelBusy):
-        return _Refusal(409, "MODEL_BUSY", str(exc))
+        return ApiError(409, "MODEL_BUSY", str(exc))
     if isinstance(exc, ModelNotDownloaded):
-        return _Refusal(409, "MODEL_LOAD_FAILED", str(exc))
+        return ApiError(409, "MODEL_LOAD_FAILED", str(exc))
     if isinstance(exc, DownloadFailed):
-        return _Refusal(502, "MODEL_DOWNLOAD_FAILED", str(exc))
+        return ApiError(502, "MODEL_DOWNLOAD_FAILED", str(exc))
     if isinstance(exc, InvalidModelId):
-        return _Refusal(400, "VALIDATION_ERROR", f"Validation error: {exc}")
+        return ApiError(400, "VALIDATION_ERROR", f"Validation error: {exc}")
     if isinstance(exc, RegistryStopped):
-        return _Refusal(503, "BACKEND_UNAVAILABLE", str(exc))
+        return ApiError(503, "BACKEND_UNAVAILABLE", str(exc))
     if isinstance(exc, TooManyModels):
-        return _Refusal(422, "MAX_MODELS_REACHED", str(exc))
+        return ApiError(422, "MAX_MODELS_REACHED", str(exc))
     raise exc
 
 
 async def _registration() -> ModelRegistration:
-    too_large = _Refusal(413, "PAYLOAD_TOO_LARGE", f"request body over {MAX_BODY_BYTES} bytes")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise too_large
-    body = await request.get_data(cache=False)
-    assert isinstance(body, bytes)
-    if len(body) > MAX_BODY_BYTES:
-        raise too_large
-    try:
-        data = decode_json(body)
-    except JsonTooDeep as exc:
-        raise _Refusal(400, "INVALID_JSON", str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise _Refusal(400, "INVALID_JSON", f"malformed JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _Refusal(400, "VALIDATION_ERROR", "Validation error: the body must be a JSON object")
+    data = await json_object(MAX_BODY_BYTES, "Validation error: the body must be a JSON object")
     if "model_id" not in data:
-        raise _Refusal(400, "MISSING_FIELD", "Missing required field: model_id")
+        raise ApiError(400, "MISSING_FIELD", "Missing required field: model_id")
     try:
         return msgspec.convert(data, ModelRegistration)
     except msgspec.ValidationError as exc:
-        raise _Refusal(400, "VALIDATION_ERROR", f"Validation error: {exc}") from None
+        raise ApiError(400, "VALIDATION_ERROR", f"Validation error: {exc}") from None
 
 
 def add_model_routes(app: QuartTrio, models: Callable[[], ModelControl]) -> None:
@@ -124,7 +98,7 @@ def add_model_routes(app: QuartTrio, models: Callable[[], ModelControl]) -> None
                 return await op(**kwargs)
             except Exception as exc:
                 refusal = _refusal(exc)
-            return _error(refusal.status, refusal.code, str(refusal))
+            return error_response(refusal.status, refusal.code, str(refusal))
 
         handler.__name__ = op.__name__
         return handler
