@@ -25,7 +25,7 @@ import concurrent.futures
 import enum
 import json
 import os
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,7 +42,6 @@ __all__ = [
     "InferenceThread",
     "ModelKind",
     "Outputs",
-    "limit_openmp_spinning",
     "load_engine",
 ]
 
@@ -60,6 +59,14 @@ class InferenceThread:
     about 10% slower so). Running every pass on this one thread keeps one
     team. The thread starts with the first pass and lives as long as the
     process.
+
+    libgomp's helpers spin about 300,000 times at a barrier before they sleep
+    (``GOMP_SPINCOUNT``), left as it is: on an idle 2-core machine 1,000
+    made 32 looping clients 16% slower and one caller 40% slower. On a busy
+    machine the long spin costs far more (a waiting helper spins through the
+    slices of the thread it waits for: 4x and 10x slower with the default),
+    so there ``GOMP_SPINCOUNT=1000`` or ``OMP_WAIT_POLICY=PASSIVE`` in the
+    server's environment pays.
     """
 
     def __init__(self) -> None:
@@ -252,28 +259,6 @@ class Engine:
         return out
 
 
-SPIN_COUNT = "1000"
-"""libgomp's spin count here: what libgomp itself picks when it holds more threads than CPUs."""
-
-
-def limit_openmp_spinning(environ: MutableMapping[str, str]) -> None:
-    """Let PyTorch's OpenMP threads sleep soon when they wait, unless the user chose otherwise.
-
-    By default libgomp (PyTorch's OpenMP on Linux) spins about 300,000 times
-    at every barrier before it sleeps. On a machine where anything else wants
-    the CPUs (the event loop, the clients, other processes), the thread a
-    barrier waits for is often descheduled, and its partners spin through
-    their time slices instead of giving the core back to it: on the loaded
-    2-core machine, 32 looping clients ran 4x slower and one caller 10x slower
-    (169 ms of CPU per text) than with ``GOMP_SPINCOUNT=1000``. On an idle
-    machine the long spin saves a wake-up per parallel region, a few percent
-    of a pass. Read when torch is first imported; ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT`` set by the user win.
-    """
-    if "OMP_WAIT_POLICY" not in environ:
-        environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -289,11 +274,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_engine(path: Path, *, pooling: str | None = None, dtype: str | None = None) -> Engine:
     """Load the model in ``path`` (blocking, seconds); raise `EngineError` if it cannot serve.
 
-    Runs with ``HF_HUB_OFFLINE=1``: nothing is fetched over the network; see
-    `limit_openmp_spinning` for the OpenMP setting it makes before torch loads.
+    Runs with ``HF_HUB_OFFLINE=1``: nothing is fetched over the network.
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
-    limit_openmp_spinning(os.environ)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # No progress bars: stderr is a log, and a bar is noise in it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
