@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # less per manager, on a loaded machine.
 os.environ.setdefault("TEISUP_GRPC_WORKERS", "1")
 
+# huggingface_hub reads HF_HUB_OFFLINE once, when first imported. An embedded
+# engine loaded in this process sets it (the backend runs offline), so import
+# it now, while the environment is the one the suite was started with: the
+# model registry's tests download in this process from a loopback Hub.
+importlib.import_module("huggingface_hub.constants")
+
 
 @pytest.fixture(scope="session")
 def mux_stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:

@@ -66,6 +66,9 @@ def hub_env(tmp_path: Path, hub: LoopbackHub, *, embedded: bool) -> dict[str, st
         "HF_HUB_CACHE": "",
         "HUGGINGFACE_HUB_CACHE": "",
         "TEISUP_DEFAULT_INSTANCE": "false",
+        # The manager downloads: online, whatever the test process holds (an
+        # embedded engine loaded in it sets HF_HUB_OFFLINE=1 in its environment).
+        "HF_HUB_OFFLINE": "0",
         # A held file must not time out while the test looks at the progress.
         "HF_HUB_DOWNLOAD_TIMEOUT": "120",
     }
