@@ -255,12 +255,13 @@ async def test_work_asked_of_a_stopped_registry_is_refused_and_leaves_the_model_
     async with trio.open_nursery() as outer:
         worker = trio.CancelScope()
 
-        async def run_worker() -> None:
+        async def run_worker(*, task_status: trio.TaskStatus[None]) -> None:
             with worker:
-                await service.serve()
+                await service.serve(task_status=task_status)
 
-        outer.start_soon(run_worker)
-        await trio.testing.wait_all_tasks_blocked()
+        # Until it serves: its start-up reads the cache in a thread, which
+        # wait_all_tasks_blocked would count as blocked.
+        await outer.start(run_worker)
         async with trio.open_nursery() as calls:
 
             async def call() -> None:
