@@ -54,17 +54,24 @@ class _Sink:
         pass
 
 
+class _Stopped(Exception):
+    """Raised inside huggingface_hub's threads once their download was given up."""
+
+
 class _Counter:
     """Bytes and files done, updated from huggingface_hub's threads, pushed to Trio.
 
     A push happens when a file completes or at least every 1% of the bytes,
-    so a large model does not flood the Trio thread.
+    so a large model does not flood the Trio thread. Once `stopped` is set,
+    the next update raises `_Stopped`, which ends the download at its next
+    chunk.
     """
 
     def __init__(self, report: ProgressReport, token: trio.lowlevel.TrioToken) -> None:
         self._report = report
         self._token = token
         self._lock = threading.Lock()
+        self.stopped = threading.Event()
         self.bytes_done = 0
         self.bytes_total: int | None = None
         self.files_done = 0
@@ -117,6 +124,8 @@ def _bar_class(counter: _Counter) -> type[Any]:
             )  # fmt: skip
 
         def update(self, n: float | None = 1) -> bool | None:
+            if counter.stopped.is_set():
+                raise _Stopped
             result: bool | None = super().update(n)
             if self._kind == "bytes":
                 counter.add_bytes(int(n or 0))
@@ -143,6 +152,37 @@ class HubDownloader:
         self.endpoint = endpoint
         self.revision = revision
         self.max_workers = max_workers
+        # Downloads given up while their thread still ran: each thread removes
+        # its own staging directory when it ends (removing it under its feet
+        # made huggingface_hub's threads fail in their temporary files).
+        self._abandoned = 0
+        self._abandoned_done = threading.Condition()
+
+    def join_abandoned(self, timeout: float) -> bool:
+        """Block until every given-up download's thread has ended; False on timeout.
+
+        Blocking: call it in a thread. A given-up download stops at its next
+        chunk, so this waits only for requests already on the wire.
+        """
+        with self._abandoned_done:
+            return self._abandoned_done.wait_for(lambda: self._abandoned == 0, timeout)
+
+    def _count_abandoned(self) -> None:
+        with self._abandoned_done:
+            self._abandoned += 1
+
+    def _fetch_staged(
+        self, model_id: str, staging: Path, counter: _Counter, handoff: _Handoff
+    ) -> None:
+        """`_fetch`, then, if the Trio side gave up waiting meanwhile, remove ``staging``."""
+        try:
+            self._fetch(model_id, staging, counter)
+        finally:
+            if handoff.thread_ended():
+                shutil.rmtree(staging, ignore_errors=True)
+                with self._abandoned_done:
+                    self._abandoned -= 1
+                    self._abandoned_done.notify_all()
 
     def _fetch(self, model_id: str, staging: Path, counter: _Counter) -> None:
         from huggingface_hub import snapshot_download  # imports the HTTP stack: only when used
@@ -164,6 +204,8 @@ class HubDownloader:
                 tqdm_class=_bar_class(counter),
                 max_workers=self.max_workers,
             )
+        except _Stopped:
+            raise DownloadError("the download was given up") from None
         except Exception as exc:  # whatever the client raises, the download failed
             raise DownloadError(_reason(exc)) from exc
 
@@ -176,19 +218,59 @@ class HubDownloader:
         """
         staging = await trio.to_thread.run_sync(new_staging, self.cache)
         counter = _Counter(report, trio.lowlevel.current_trio_token())
+        handoff = _Handoff()
         try:
-            # Abandoned on cancellation: the thread cannot be interrupted, and
-            # what it still writes goes to the staging directory only.
+            # Abandoned on cancellation: the thread cannot be interrupted; it
+            # stops at its next chunk, and what it still writes goes to the
+            # staging directory only, which it then removes itself.
             await trio.to_thread.run_sync(
-                self._fetch, model_id, staging, counter, abandon_on_cancel=True
+                self._fetch_staged, model_id, staging, counter, handoff, abandon_on_cancel=True
             )
-            try:
-                return await trio.to_thread.run_sync(commit_staged, staging, self.cache, model_id)
-            except OSError as exc:
-                raise DownloadError(f"cannot move the download into the cache: {exc}") from exc
+        except BaseException:
+            counter.stopped.set()
+            if handoff.give_up(self._count_abandoned):
+                raise
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, staging, True)
+            raise
+        try:
+            return await trio.to_thread.run_sync(commit_staged, staging, self.cache, model_id)
+        except OSError as exc:
+            raise DownloadError(f"cannot move the download into the cache: {exc}") from exc
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, staging, True)
+
+
+class _Handoff:
+    """Who removes a staging directory: the Trio side, or a thread it gave up on.
+
+    Exactly one of `thread_ended` (in the thread, as it ends) and `give_up`
+    (in Trio, on cancellation) comes first; the one that comes second owns
+    the removal if the thread is still running.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended = False
+        self._given_up = False
+
+    def thread_ended(self) -> bool:
+        """The thread is ending: True if it was given up and must clean up itself."""
+        with self._lock:
+            self._ended = True
+            return self._given_up
+
+    def give_up(self, while_running: Callable[[], None]) -> bool:
+        """Trio stops waiting: True if the thread still runs (and will clean up).
+
+        ``while_running`` is called first in that case, before the thread can end.
+        """
+        with self._lock:
+            self._given_up = True
+            if not self._ended:
+                while_running()
+            return not self._ended
 
 
 def _reason(exc: BaseException) -> str:

@@ -84,13 +84,20 @@ async def test_a_cancelled_download_leaves_only_staging_which_the_next_start_rem
 ) -> None:
     cache = tmp_path / "hub"
     hub.held.add(WEIGHTS)
+    downloader = HubDownloader(cache, endpoint=hub.url)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(HubDownloader(cache, endpoint=hub.url).download, TINY, ignore)
+        nursery.start_soon(downloader.download, TINY, ignore)
         await trio.to_thread.run_sync(hub.holding.wait, 60)
         nursery.cancel_scope.cancel()
     assert cached_model(cache, TINY) is None
     assert not (cache / repo_folder(TINY)).exists()
+    # The given-up thread ends once its request is answered, and removes its
+    # own staging directory, which nobody removed under its feet meanwhile.
+    assert [p.name.split("-")[0] for p in (cache / STAGING_DIR).iterdir()] == [str(os.getpid())]
     hub.release()
+    assert await trio.to_thread.run_sync(downloader.join_abandoned, 60)
+    assert list((cache / STAGING_DIR).iterdir()) == []
+    assert cached_model(cache, TINY) is None
     # What a killed process leaves (a staging directory of a pid no longer alive).
     leftover = cache / STAGING_DIR / "999999999-dead"
     (leftover / repo_folder(TINY) / "blobs").mkdir(parents=True)
