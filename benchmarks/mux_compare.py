@@ -116,6 +116,11 @@ class Meter:
     def read(self) -> float:
         return tree_cpu(self.pid, self.exclude) if self.pid is not None else 0.0
 
+    def read_root(self) -> float:
+        """CPU seconds of the root process alone (teisup's manager, without its workers)."""
+        found = _stat(self.pid) if self.pid is not None else None
+        return found[1] if found is not None else 0.0
+
 
 # -- teisup and the reference ------------------------------------------------------------
 
@@ -211,6 +216,8 @@ class Figures:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     cpu: float = 0.0
+    #: The part of ``cpu`` spent in the root process (teisup's manager).
+    cpu_root: float = 0.0
 
     def __add__(self, other: Figures) -> Figures:
         return Figures(
@@ -218,6 +225,7 @@ class Figures:
             self.seconds + other.seconds,
             self.latencies + other.latencies,
             self.cpu + other.cpu,
+            self.cpu_root + other.cpu_root,
         )
 
     @property
@@ -232,6 +240,10 @@ class Figures:
     def cpu_us(self) -> float:
         return self.cpu / self.calls * 1e6
 
+    @property
+    def cpu_root_us(self) -> float:
+        return self.cpu_root / self.calls * 1e6
+
 
 Call = Callable[[int], Awaitable[None]]
 
@@ -242,6 +254,7 @@ async def load(call: Call, concurrency: int, seconds: float, meter: Meter | None
     begin = time.perf_counter()
     end = begin + seconds
     cpu = meter.read() if meter is not None else 0.0
+    cpu_root = meter.read_root() if meter is not None else 0.0
 
     async def caller() -> None:
         while time.perf_counter() < end:
@@ -255,6 +268,7 @@ async def load(call: Call, concurrency: int, seconds: float, meter: Meter | None
             group.create_task(caller())
     figures.seconds = time.perf_counter() - begin
     figures.cpu = (meter.read() - cpu) if meter is not None else 0.0
+    figures.cpu_root = (meter.read_root() - cpu_root) if meter is not None else 0.0
     return figures
 
 
@@ -348,7 +362,11 @@ async def measure_grpc(setup: Setup, seconds: float, concurrencies: list[int]) -
             print(row(f"reference Embed, c={c}", reference))
             ratio = teisup.cpu_us / reference.cpu_us
             ratios.append((c, ratio))
-            print(f"  teisup/reference CPU per call, c={c}: {ratio:.2f}", flush=True)
+            print(
+                f"  teisup/reference CPU per call, c={c}: {ratio:.2f}"
+                f" (teisup's manager process: {teisup.cpu_root_us:.0f} us/call of it)",
+                flush=True,
+            )
         for c in concurrencies:
             grpc_path, tei_route, openai_route = await alternate(
                 [
