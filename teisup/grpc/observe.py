@@ -10,11 +10,9 @@ deep inside the call but in the same task.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +21,7 @@ import trio
 from teisup.rpc import first_status
 
 __all__ = [
+    "Observed",
     "RequestObserver",
     "RequestRecord",
     "current_request",
@@ -63,10 +62,7 @@ def current_request() -> RequestRecord | None:
     return _current.get()
 
 
-@contextlib.contextmanager
-def observed(
-    observer: RequestObserver | None, transport: str, method: str
-) -> Iterator[RequestRecord]:
+def observed(observer: RequestObserver | None, transport: str, method: str) -> Observed:
     """Time the block as one request and report it to ``observer`` when it ends.
 
     The code is the status a `teisup.rpc.RpcStatusError` carries (in a group
@@ -76,31 +72,47 @@ def observed(
     caller that knows better (the HTTP layer mapping an error) may set
     ``record.code`` itself before leaving the block.
     """
-    record = RequestRecord(transport, method)
-    token = _current.set(record)
-    began = time.perf_counter()
-    # Read now: once cancelled, the effective deadline is -inf.
-    deadline = trio.current_effective_deadline()
+    return Observed(observer, RequestRecord(transport, method))
 
-    def cancelled() -> str:
-        past = not math.isinf(deadline) and deadline <= trio.current_time()
-        return "DEADLINE_EXCEEDED" if past else "CANCELLED"
 
-    try:
-        yield record
-    except BaseException as exc:
+class Observed:
+    """`observed`'s block; entering it gives the `RequestRecord`.
+
+    A class rather than a generator context manager: it runs on every request.
+    """
+
+    __slots__ = ("_began", "_deadline", "_observer", "_token", "record")
+
+    def __init__(self, observer: RequestObserver | None, record: RequestRecord) -> None:
+        self._observer = observer
+        self.record = record
+
+    def __enter__(self) -> RequestRecord:
+        self._token = _current.set(self.record)
+        self._began = time.perf_counter()
+        # Read now: once cancelled, the effective deadline is -inf.
+        self._deadline = trio.current_effective_deadline()
+        return self.record
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        record = self.record
+        try:
+            if exc is not None:
+                record.code = self._code(exc)
+        finally:
+            _current.reset(self._token)
+            record.seconds = time.perf_counter() - self._began
+            if self._observer is not None:
+                self._observer.request_done(record)
+
+    def _code(self, exc: BaseException) -> str:
         failed = first_status(exc)
         if failed is not None:
-            record.code = failed.code_name
-        elif isinstance(exc, trio.Cancelled) or (
+            return failed.code_name
+        if isinstance(exc, trio.Cancelled) or (
             isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
         ):
-            record.code = cancelled()  # also a handler's nursery, cancelled
-        else:
-            record.code = "UNKNOWN"
-        raise
-    finally:
-        _current.reset(token)
-        record.seconds = time.perf_counter() - began
-        if observer is not None:
-            observer.request_done(record)
+            # Also a handler's nursery, cancelled.
+            past = not math.isinf(self._deadline) and self._deadline <= trio.current_time()
+            return "DEADLINE_EXCEEDED" if past else "CANCELLED"
+        return "UNKNOWN"

@@ -112,8 +112,9 @@ class BackendPool:
         self.queue_timeout = queue_timeout
         self._entries: dict[str, _Entry] = {}
         self._nursery: trio.Nursery | None = None
-        # Replaced on every change of a call's state, so a waiter never misses one.
-        self._calls_changed = trio.Event()
+        # Set and dropped on every change of a call's state, so a waiter never
+        # misses one; made only while someone waits (a cost on every call otherwise).
+        self._calls_changed: trio.Event | None = None
         self.connects = 0
         """How many connections have been opened (for tests and metrics)."""
 
@@ -149,16 +150,22 @@ class BackendPool:
     async def wait_active(self, name: str, at_least: int = 1) -> None:
         """Return once ``name`` has ``at_least`` calls running on its connection."""
         while self.active_calls(name) < at_least:
-            await self._calls_changed.wait()
+            await self._wait_changed()
 
     async def wait_idle(self, name: str) -> None:
         """Return once no call runs on ``name``'s connection."""
         while self.active_calls(name) > 0:
-            await self._calls_changed.wait()
+            await self._wait_changed()
+
+    async def _wait_changed(self) -> None:
+        if self._calls_changed is None:
+            self._calls_changed = trio.Event()
+        await self._calls_changed.wait()
 
     def _changed(self) -> None:
-        self._calls_changed.set()
-        self._calls_changed = trio.Event()
+        if self._calls_changed is not None:
+            self._calls_changed.set()
+            self._calls_changed = None
 
     def retain(self, names: Iterable[str]) -> None:
         """Close and forget the connections of instances not in ``names`` (deleted ones)."""
@@ -205,11 +212,14 @@ class BackendPool:
                 f"(its max_concurrent_requests); none finished within {self.queue_timeout:g} s",
             )
         try:
-            with trio.fail_after(timeout if timeout is not None else math.inf):
-                connection = await self._connection(entry, instance)
-                return await self._run_on(connection, instance, fn)
-        except trio.TooSlowError:
-            raise status_error(StatusCode.DEADLINE_EXCEEDED, "Request timeout") from None
+            deadline = trio.current_time() + timeout if timeout is not None else math.inf
+            connection = self._ready(entry, instance)
+            if connection is None:
+                with trio.CancelScope(deadline=deadline):
+                    connection = await self._connection(entry, instance)
+                if connection is None:  # the deadline passed while connecting
+                    raise _timed_out()
+            return await self._run_on(connection, instance, fn, deadline)
         finally:
             entry.limiter.release_on_behalf_of(token)
 
@@ -221,6 +231,13 @@ class BackendPool:
             # The instance was re-created with another max_concurrent_requests.
             entry.limiter.total_tokens = limit
         return entry
+
+    def _ready(self, entry: _Entry, instance: InstanceView) -> _Connection | None:
+        """The instance's connection if it can take a call now (the common case)."""
+        current = entry.connection
+        if current is not None and current.key == (instance.pid, instance.port) and current.usable:
+            return current
+        return None
 
     async def _connection(self, entry: _Entry, instance: InstanceView) -> _Connection:
         key = (instance.pid, instance.port)
@@ -292,10 +309,16 @@ class BackendPool:
                 scope.cancel()
 
     async def _run_on(
-        self, connection: _Connection, instance: InstanceView, fn: Callable[[Channel], Awaitable[T]]
+        self,
+        connection: _Connection,
+        instance: InstanceView,
+        fn: Callable[[Channel], Awaitable[T]],
+        deadline: float,
     ) -> T:
         assert connection.channel is not None
-        with trio.CancelScope() as scope:
+        # One scope for the pool's deadline and the connection's death (its
+        # task cancels the scopes of the calls on it, after setting `died`).
+        with trio.CancelScope(deadline=deadline) as scope:
             connection.calls.add(scope)
             self._changed()
             try:
@@ -317,11 +340,18 @@ class BackendPool:
             finally:
                 connection.calls.discard(scope)
                 self._changed()
-        # Only reached when the connection's task cancelled us: it died mid-call.
-        raise self._unavailable(instance, f"connection lost: {connection.reason or 'closed'}")
+        # Only reached when the scope was cancelled: the connection died mid-call, or time ran out.
+        if connection.died.is_set():
+            raise self._unavailable(instance, f"connection lost: {connection.reason or 'closed'}")
+        raise _timed_out()
 
     def _unavailable(self, instance: InstanceView, reason: str) -> RpcStatusError:
         return status_error(
             StatusCode.UNAVAILABLE,
             f"Instance '{instance.name}' ({self.host}:{instance.port}) is unavailable: {reason}",
         )
+
+
+def _timed_out() -> RpcStatusError:
+    """The pool's own deadline passed (tei-manager's words)."""
+    return status_error(StatusCode.DEADLINE_EXCEEDED, "Request timeout")

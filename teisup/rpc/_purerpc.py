@@ -4,8 +4,7 @@ purerpc's connection object (`GRPCProtoSocket`) and its per-call streams are
 reused as they are, except for one thing: each stream queues incoming events
 on a pair of anyio memory streams that purerpc never closes, and anyio warns
 (`ResourceWarning`) whenever one is garbage-collected unclosed. `TidySocket`
-gives every stream a trio memory channel instead, which has the same
-``send``/``receive`` calls and nothing to close.
+gives every stream a plain queue instead (`_Events`), with nothing to close.
 
 It also makes a client connection fail when the server closes it (see
 `TidySocket`), acts on a peer's RST_STREAM, which purerpc ignores (see
@@ -19,9 +18,8 @@ revisiting on a bump.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable, Iterator
+import collections
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +28,9 @@ import trio
 from anyio.streams.tls import TLSStream
 from h2.connection import H2Connection
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from h2.stream import H2Stream
+from h2.utilities import _SECURE_HEADERS, CONNECTION_HEADERS
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import WindowUpdateFrame  # type: ignore[import-untyped]
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -39,6 +40,7 @@ from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, ResponseEnded
 from purerpc.grpclib.exceptions import MessageTooLargeError
 
+from ._hpack import remember_header_blocks
 from .errors import RpcStatusError
 from .status import StatusCode
 
@@ -49,6 +51,7 @@ __all__ = [
     "TidySocket",
     "TidyStream",
     "client_config",
+    "outbound_metadata",
     "server_config",
 ]
 
@@ -76,6 +79,51 @@ class StreamReset:
     error_code: int
 
 
+class _Events:
+    """A stream's queue of incoming events, read by one task at a time.
+
+    What purerpc kept in an anyio memory stream, and a trio memory channel
+    after it: making either cost more per call than the rest of a stream's
+    set-up. Unbounded, as purerpc's own queue is: the HTTP/2 flow-control
+    window is what bounds how much a peer can push at us.
+    """
+
+    __slots__ = ("_queue", "_reader")
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Any] = collections.deque()
+        self._reader: trio.lowlevel.Task | None = None
+
+    def put(self, event: Any) -> None:
+        self._queue.append(event)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(reader)
+
+    def receive_nowait(self) -> Any:
+        """The next event, or `trio.WouldBlock` when none is queued."""
+        if not self._queue:
+            raise trio.WouldBlock
+        return self._queue.popleft()
+
+    async def receive(self) -> Any:
+        """The next event, once one is queued."""
+        if self._queue:
+            await trio.lowlevel.checkpoint()
+        while not self._queue:  # woken, then emptied by a reset: wait again
+            if self._reader is not None:
+                raise trio.BusyResourceError("another task is reading this stream")
+            self._reader = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return self._queue.popleft()
+
+
 class _Inbox:
     """A stream's incoming-event queue that also acts on a reset as it arrives.
 
@@ -84,9 +132,9 @@ class _Inbox:
     reset left its client waiting forever.
     """
 
-    def __init__(self, stream: TidyStream, send: trio.MemorySendChannel[Any]) -> None:
+    def __init__(self, stream: TidyStream, events: _Events) -> None:
         self._stream = stream
-        self._send = send
+        self._events = events
 
     async def send(self, event: Any) -> None:
         if isinstance(event, StreamReset):
@@ -95,10 +143,7 @@ class _Inbox:
                 return  # a clean end after the answer: nothing to report
         elif isinstance(event, ResponseEnded):
             self._stream.answer_arrived()
-        self._send.send_nowait(event)
-
-    def close(self) -> None:
-        self._send.close()
+        self._events.put(event)
 
 
 class _Discard:
@@ -130,13 +175,76 @@ def _buffered(buffer: Any) -> int:
     return int(pending)
 
 
+def outbound_metadata(pairs: Iterable[tuple[str, Any]]) -> tuple[Any, ...]:
+    """Custom metadata as h2's outbound normalisation would send it, done once here.
+
+    Names lower-cased and values stripped, connection-specific headers
+    (RFC 9113 §8.2.2) dropped, credentials never indexed by HPACK. Everything
+    else a connection sends is built lower-case by purerpc and teisup, so h2's
+    own normalisation (a pipeline of generators over every header of every
+    block) is switched off.
+    """
+    out: list[Any] = []
+    for name, value in pairs:
+        name = name.strip().lower()
+        if name in CONNECTION_HEADERS:
+            continue
+        value = value.strip()
+        if name in _SECURE_HEADERS or (name == "cookie" and len(value) < 20):
+            out.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            out.append((name, value))
+    return tuple(out)
+
+
+class _RememberingStream(H2Stream):  # type: ignore[misc]  # h2 is untyped
+    """h2's stream, validating a received header block once per distinct block.
+
+    h2 runs every received block through a pipeline of generators (pseudo
+    headers, case, whitespace, connection headers, authority, path) that
+    depends only on the headers and the stream's validation flags; a block
+    seen before on this connection takes the first answer. One that fails
+    validation raises as before, and is not remembered.
+    """
+
+    _validated: dict[tuple[Any, ...], list[Any]]
+
+    def _process_received_headers(
+        self, headers: Any, header_validation_flags: Any, header_encoding: Any
+    ) -> list[Any]:
+        block = tuple(headers)
+        key = (block, header_validation_flags, header_encoding)
+        processed = self._validated.get(key)
+        if processed is None:
+            processed = super()._process_received_headers(
+                block, header_validation_flags, header_encoding
+            )
+            if len(self._validated) >= _VALIDATED_SIZE:
+                self._validated.clear()
+            self._validated[key] = processed
+        return list(processed)
+
+
+#: Distinct received blocks remembered per connection.
+_VALIDATED_SIZE = 256
+
+
 class _LenientH2Connection(H2Connection):  # type: ignore[misc]  # h2 is untyped
     """h2 3.x, minus one strictness: a WINDOW_UPDATE for a closed stream is ignored.
 
     RFC 9113 §6.9 allows a peer to send one after the stream ended (a server
     acknowledging request data it read after answering); h2 < 4 makes it a
     connection error, which would take every call on the connection down.
+    Its streams are `_RememberingStream`s.
     """
+
+    _validated: dict[tuple[Any, ...], list[Any]]
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _RememberingStream
+        stream._validated = self._validated
+        return stream
 
     def _receive_window_update_frame(self, frame: Any) -> Any:
         try:
@@ -155,11 +263,15 @@ class TidyConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
         super().__init__(config)
         h2_connection = self.h2_connection
         h2_connection.__class__ = _LenientH2Connection
-        # What we send is built here and in purerpc, names lower-case already
-        # (normalisation stays, for metadata a handler adds); checking every
-        # outgoing block again cost more per call than encoding it. What the
-        # peer sends is still validated.
+        h2_connection._validated = {}
+        remember_header_blocks(h2_connection)
+        # What we send is built here and in purerpc, names lower-case already,
+        # and metadata a caller or handler adds goes through
+        # `outbound_metadata`; checking and normalising every outgoing block
+        # again cost more per call than encoding it. What the peer sends is
+        # still validated (once per distinct block: `_RememberingStream`).
         h2_connection.config.validate_outbound_headers = False
+        h2_connection.config.normalize_outbound_headers = False
         # h2 dispatches frames through bound methods it stored at creation.
         h2_connection._frame_dispatch_table[WindowUpdateFrame] = (
             h2_connection._receive_window_update_frame
@@ -216,10 +328,8 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         self._state = GRPCStreamState.OPEN
         self._start_stream_event = None
         self._end_stream_event = None
-        # Unbounded, as purerpc's own queue is: the HTTP/2 flow-control window
-        # is what bounds how much a peer can push at us.
-        send, receive = trio.open_memory_channel[Any](math.inf)
-        self._incoming_events = (_Inbox(self, send), receive)
+        events = _Events()
+        self._incoming_events = (_Inbox(self, events), events)
         #: Called (with no argument) when the peer resets this stream; the
         #: server points it at the call's cancel scope.
         self.on_reset: Callable[[], object] | None = None
@@ -255,7 +365,7 @@ class TidyStream(GRPCProtoStream):  # type: ignore[misc]  # purerpc is untyped
         while True:
             try:
                 queued = self._incoming_events[1].receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
+            except trio.WouldBlock:
                 break
             if isinstance(queued, MessageReceived):
                 self._grpc_connection.give_back(self._stream_id, queued.flow_controlled_length)
@@ -429,24 +539,39 @@ class _Writer(SocketWrapper):  # type: ignore[misc]  # purerpc is untyped
             self._pending = data[sent:]
         self._flush_event.set()
 
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
+    def corked(self) -> _Cork:
         """Hold this task's writes in the block and send them together when it ends
         (however it ends). Other tasks' writes are not held; a corked sender that
         must wait for window writes first."""
+        return _Cork(self)
+
+
+class _Cork:
+    """`_Writer.corked`'s block (a class: a generator context manager cost more per call)."""
+
+    __slots__ = ("_held", "_writer")
+
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+        self._held = False
+
+    def __enter__(self) -> None:
+        writer = self._writer
         task = trio.lowlevel.current_task()
-        if self._corked and self._corked_by is not task:
-            yield  # another task's block: ours would hold its writes too
+        if writer._corked and writer._corked_by is not task:
+            return  # another task's block: ours would hold its writes too
+        writer._corked_by = task
+        writer._corked += 1
+        self._held = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._held:
             return
-        self._corked_by = task
-        self._corked += 1
-        try:
-            yield
-        finally:
-            self._corked -= 1
-            if not self._corked:
-                self._corked_by = None
-                self.write_out()
+        writer = self._writer
+        writer._corked -= 1
+        if not writer._corked:
+            writer._corked_by = None
+            writer.write_out()
 
 
 class TidySocket(GRPCProtoSocket):  # type: ignore[misc]  # purerpc is untyped

@@ -36,7 +36,7 @@ import anyio.abc
 import trio
 from purerpc.grpclib.events import ResponseEnded
 
-from ._purerpc import DEFAULT_MAX_MESSAGE_LENGTH, TidySocket, client_config
+from ._purerpc import DEFAULT_MAX_MESSAGE_LENGTH, TidySocket, client_config, outbound_metadata
 from .errors import RpcError, RpcStatusError, RpcUnavailable, describe, rpc_failure
 from .status import StatusCode
 
@@ -160,7 +160,7 @@ class Channel:
             request_type.DESCRIPTOR.full_name,
             self.target,
             timeout=_timeout_header(),
-            custom_metadata=tuple(metadata or ()),
+            custom_metadata=outbound_metadata(metadata) if metadata else (),
         )
         stream.expect_message_type(response_type)
         return stream

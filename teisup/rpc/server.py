@@ -56,6 +56,7 @@ from ._purerpc import (
     DEFAULT_MAX_MESSAGE_LENGTH,
     MAX_MESSAGE_LENGTH_LIMIT,
     TidySocket,
+    outbound_metadata,
     server_config,
 )
 from .errors import RpcStatusError, first_status
@@ -155,7 +156,7 @@ class ServerCall:
         """Send one response message; the first carries `headers`."""
         stream = self._stream
         if not stream._response_started and self.headers:
-            await stream.start_response(custom_metadata=tuple(self.headers))
+            await stream.start_response(custom_metadata=outbound_metadata(self.headers))
         await stream.send_message(message)
 
     async def answer(self, message: Any) -> None:
@@ -395,13 +396,10 @@ class Server:
     async def _dispatch(self, stream: Any, peer: Peer) -> None:
         self._in_flight += 1
         try:
-            # A client that resets the stream (it cancelled the call) cancels
-            # the handler, and whatever the handler was waiting for with it.
-            with trio.CancelScope() as scope:
-                stream.on_reset = scope.cancel
-                if stream.reset is None:  # not reset before this task ran
-                    await self._handle(stream, peer)
+            if stream.reset is None:  # not reset before this task ran
+                await self._handle(stream, peer)
         except Exception as exc:
+            # A reset while the request is read ends here too (CANCELLED).
             log.debug("gRPC call ended abnormally: %r", exc)
         finally:
             self._in_flight -= 1
@@ -446,8 +444,15 @@ async def _run(handler: Handler, call: ServerCall) -> None:
     stream = call._stream
     try:
         deadline = call.deadline if call.deadline is not None else math.inf
+        # One scope for both ends of the call: the client's deadline, and a
+        # client that resets the stream (it cancelled the call), which cancels
+        # the handler and whatever it was waiting for with it.
         with trio.CancelScope(deadline=deadline) as scope:
-            await handler(call)
+            stream.on_reset = scope.cancel
+            if stream.reset is None:  # not reset while the request was read
+                await handler(call)
+        if stream.reset is not None:
+            return  # the client is gone: nothing to answer
         if scope.cancelled_caught:
             status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         else:
