@@ -240,11 +240,10 @@ class BackendPool:
         return None
 
     async def _connection(self, entry: _Entry, instance: InstanceView) -> _Connection:
-        key = (instance.pid, instance.port)
         while True:
-            current = entry.connection
-            if current is not None and current.key == key and current.usable:
-                return current
+            ready = self._ready(entry, instance)
+            if ready is not None:
+                return ready
             if entry.connecting is None:
                 break
             # Another call is connecting: wait for it, all together. (A lock
@@ -252,6 +251,7 @@ class BackendPool:
             # took the fast path above: in a first burst of 500 calls the
             # last waiter got its connection some 25 s after the first.)
             await entry.connecting.wait()
+        current = entry.connection
         connecting = entry.connecting = trio.Event()
         try:
             if current is not None:
@@ -260,7 +260,7 @@ class BackendPool:
                 current.close_requested.set()
             if self._nursery is None:
                 raise status_error(StatusCode.UNAVAILABLE, "the backend pool is not running")
-            connection = _Connection(key)
+            connection = _Connection((instance.pid, instance.port))
             try:
                 with trio.fail_after(self.connect_timeout):
                     await self._nursery.start(self._hold, connection, instance.port)

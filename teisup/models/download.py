@@ -219,27 +219,27 @@ class HubDownloader:
         staging = await trio.to_thread.run_sync(new_staging, self.cache)
         counter = _Counter(report, trio.lowlevel.current_trio_token())
         handoff = _Handoff()
+        abandoned = False
         try:
-            # Abandoned on cancellation: the thread cannot be interrupted; it
-            # stops at its next chunk, and what it still writes goes to the
-            # staging directory only, which it then removes itself.
-            await trio.to_thread.run_sync(
-                self._fetch_staged, model_id, staging, counter, handoff, abandon_on_cancel=True
-            )
-        except BaseException:
-            counter.stopped.set()
-            if handoff.give_up(self._count_abandoned):
+            try:
+                # Abandoned on cancellation: the thread cannot be interrupted; it
+                # stops at its next chunk, and what it still writes goes to the
+                # staging directory only, which it then removes itself.
+                await trio.to_thread.run_sync(
+                    self._fetch_staged, model_id, staging, counter, handoff, abandon_on_cancel=True
+                )
+            except BaseException:
+                counter.stopped.set()
+                abandoned = handoff.give_up(self._count_abandoned)
                 raise
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, staging, True)
-            raise
-        try:
-            return await trio.to_thread.run_sync(commit_staged, staging, self.cache, model_id)
-        except OSError as exc:
-            raise DownloadError(f"cannot move the download into the cache: {exc}") from exc
+            try:
+                return await trio.to_thread.run_sync(commit_staged, staging, self.cache, model_id)
+            except OSError as exc:
+                raise DownloadError(f"cannot move the download into the cache: {exc}") from exc
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, staging, True)
+            if not abandoned:  # else the thread removes it as it ends
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, staging, True)
 
 
 class _Handoff:

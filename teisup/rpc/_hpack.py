@@ -28,11 +28,20 @@ from hpack import Decoder, Encoder, HeaderTuple
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
-__all__ = ["remember_header_blocks"]
+__all__ = ["remember", "remember_header_blocks"]
 
 #: Distinct blocks kept per connection and direction (error trailers carry
 #: their message, so the number of blocks is not bounded by the methods).
 _MEMO_SIZE = 256
+
+
+def remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key`` in a per-connection memo of at most `_MEMO_SIZE` entries
+    (full, it starts again empty: the blocks in use come back at once)."""
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+
 
 _TIMEOUT_NAMES = frozenset({"grpc-timeout", b"grpc-timeout"})
 
@@ -107,9 +116,7 @@ class _RememberingEncoder(Encoder):  # type: ignore[misc]
         generation = table.generation
         block = bytes(super().encode(rest, huffman))
         if table.generation == generation:
-            if len(self._memo) >= _MEMO_SIZE:
-                self._memo.clear()
-            self._memo[key] = (generation, block)
+            remember(self._memo, key, (generation, block))
         return block + volatile
 
 
@@ -135,9 +142,7 @@ class _RememberingDecoder(Decoder):  # type: ignore[misc]
         generation = table.generation
         headers: list[Any] = super().decode(data, raw)
         if table.generation == generation:
-            if len(self._memo) >= _MEMO_SIZE:
-                self._memo.clear()
-            self._memo[key] = (generation, self.max_header_list_size, headers)
+            remember(self._memo, key, (generation, self.max_header_list_size, headers))
             return list(headers)
         return headers
 

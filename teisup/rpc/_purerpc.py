@@ -40,7 +40,7 @@ from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import MessageReceived, RequestEnded, ResponseEnded
 from purerpc.grpclib.exceptions import MessageTooLargeError
 
-from ._hpack import remember_header_blocks
+from ._hpack import remember, remember_header_blocks
 from .errors import RpcStatusError
 from .status import StatusCode
 
@@ -189,7 +189,8 @@ def outbound_metadata(pairs: Iterable[tuple[str, Any]]) -> tuple[Any, ...]:
         name = name.strip().lower()
         if name in CONNECTION_HEADERS:
             continue
-        value = value.strip()
+        if isinstance(value, str):  # a -bin value is raw bytes: base64-encoded later, as is
+            value = value.strip()
         if name in _SECURE_HEADERS or (name == "cookie" and len(value) < 20):
             out.append(NeverIndexedHeaderTuple(name, value))
         else:
@@ -219,14 +220,8 @@ class _RememberingStream(H2Stream):  # type: ignore[misc]  # h2 is untyped
             processed = super()._process_received_headers(
                 block, header_validation_flags, header_encoding
             )
-            if len(self._validated) >= _VALIDATED_SIZE:
-                self._validated.clear()
-            self._validated[key] = processed
+            remember(self._validated, key, processed)
         return list(processed)
-
-
-#: Distinct received blocks remembered per connection.
-_VALIDATED_SIZE = 256
 
 
 class _LenientH2Connection(H2Connection):  # type: ignore[misc]  # h2 is untyped
